@@ -1,0 +1,171 @@
+"""The ASGI application: routes, error rendering, and the lifespan that owns resources."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.errors import ProxyError, error_envelope
+from proxy.metrics import Metrics
+from proxy.routes import health, models
+from proxy.routes.auth import Auth
+from proxy.routes.chat import ChatCompletions
+from proxy.routes.passthrough import PassThrough
+from proxy.routes.plan import NoMemory
+from proxy.routes.state import AppState
+from proxy.settings import Settings
+from proxy.upstreams.client import UpstreamPool
+from proxy.upstreams.registry import Router, Upstream
+
+log = logging.getLogger("mnemoproxy")
+
+
+def router_from_settings(settings: Settings) -> Router:
+    """The model router for the configured upstreams and routes."""
+    upstreams = [
+        Upstream(
+            name=name,
+            base_url=cfg.base_url,
+            api_key=cfg.api_key.get_secret_value() if cfg.api_key else None,
+            models=frozenset(cfg.models),
+            prefix=cfg.prefix if cfg.prefix is not None else name,
+            forward_client_key=cfg.forward_client_key,
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            context_window=cfg.context_window,
+            max_connections=cfg.max_connections,
+        )
+        for name, cfg in settings.upstreams.items()
+    ]
+    default = settings.server.default_upstream
+    if not default and len(upstreams) == 1:
+        default = upstreams[0].name
+    return Router(upstreams, settings.routes, default or None)
+
+
+def v1_routes() -> list[BaseRoute]:
+    """The OpenAI-compatible surface, mounted at / and at /s/{scope}/."""
+    return [
+        Route("/v1/chat/completions", ChatCompletions(), methods=["POST"]),
+        Route("/v1/models", models.models, methods=["GET"]),
+        Route(
+            "/v1/{path:path}",
+            PassThrough(),
+            methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        ),
+    ]
+
+
+def build_app(settings: Settings) -> Starlette:
+    """Build the proxy for `settings`. Resources are opened by the lifespan, not here."""
+    router = router_from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = UpstreamPool(router.upstreams)
+        app.state.proxy = AppState(
+            router=router,
+            pool=pool,
+            auth=Auth(
+                [k.get_secret_value() for k in settings.auth.keys],
+                [k.get_secret_value() for k in settings.auth.admin_keys],
+            ),
+            memory=NoMemory(),
+            metrics=Metrics(),
+            max_body_bytes=settings.server.max_body_bytes,
+        )
+        try:
+            yield
+        finally:
+            await pool.aclose()
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", health.healthz, methods=["GET"]),
+        Route("/readyz", health.readyz, methods=["GET"]),
+        Route("/metrics", health.metrics, methods=["GET"]),
+        *v1_routes(),
+        Mount("/s/{scope}", routes=v1_routes()),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ProxyError: _proxy_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+    )
+    app.add_middleware(CountRequests)
+    return app
+
+
+async def _proxy_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProxyError)
+    return JSONResponse(exc.envelope(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    message = (
+        f"no such endpoint: {request.method} {request.url.path}"
+        if exc.status_code in (404, 405)
+        else str(exc.detail)
+    )
+    return JSONResponse(error_envelope(message, kind), status_code=exc.status_code)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the log, never to the client.
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        error_envelope("internal error in mnemoproxy; see its log", "server_error"),
+        status_code=500,
+    )
+
+
+class CountRequests:
+    """Counts answered requests by route and status for /metrics."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            state = getattr(scope["app"].state, "proxy", None) if "app" in scope else None
+            if state is not None and status:
+                state.metrics.count_request(_route_label(scope["path"]), status)
+
+
+def _route_label(path: str) -> str:
+    # Bounded label values: collapse scopes and passthrough paths.
+    if path.startswith("/s/"):
+        path = "/" + path.split("/", 3)[-1] if path.count("/") >= 3 else path
+    if path.startswith("/v1/") and path not in ("/v1/chat/completions", "/v1/models"):
+        return "/v1/*"
+    return (
+        path
+        if path in ("/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics")
+        else "other"
+    )

@@ -1,0 +1,269 @@
+"""The `mnemoproxy` command: parse, call the core, print. The core never imports this."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from proxy.config_file import render_config
+from proxy.settings import Settings, SettingsError, load_settings
+from proxy.upstreams.client import UpstreamPool
+from proxy.upstreams.discovery import (
+    LOCAL_SERVERS,
+    FoundServer,
+    context_window,
+    describe_servers,
+    list_models,
+    probe_local_servers,
+)
+from proxy.upstreams.registry import Upstream
+
+FALLBACK_UPSTREAM = "http://127.0.0.1:11434/v1"  # Ollama's default, the most common setup
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mnemoproxy` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except SettingsError as exc:
+        print(f"mnemoproxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="mnemoproxy",
+        description="An OpenAI-compatible proxy that gives any chat app long-term memory.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+
+    start = sub.add_parser("start", help="start the proxy")
+    _add_common(start)
+    start.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    start.add_argument("--port", type=int, help="port to listen on (default 8765)")
+    start.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    start.set_defaults(func=cmd_start)
+
+    configure = sub.add_parser("configure", help="write a commented config.toml")
+    _add_common(configure)
+    configure.add_argument("--host")
+    configure.add_argument("--port", type=int)
+    configure.add_argument(
+        "--key", action="append", default=[], help="a proxy access key (repeatable)"
+    )
+    configure.add_argument(
+        "-o", "--output", default="config.toml", help="file to write (default config.toml)"
+    )
+    configure.add_argument("--force", action="store_true", help="overwrite an existing file")
+    configure.add_argument(
+        "--interactive",
+        "-i",
+        action="store_true",
+        help="ask for each main setting (default when no flags are given on a terminal)",
+    )
+    configure.set_defaults(func=cmd_configure)
+
+    doctor = sub.add_parser("doctor", help="check every upstream: reachable, models, context")
+    _add_common(doctor)
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config file (default: $MNEMOPROXY_CONFIG, else none)")
+    p.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="[NAME=]URL",
+        help="an upstream base URL such as http://127.0.0.1:1234/v1 (repeatable)",
+    )
+    p.add_argument(
+        "--upstream-key",
+        help="API key for the --upstream given (prefer the config file or environment: "
+        "command lines are visible to other users of the machine)",
+    )
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """CLI flags as a nested settings mapping (only the flags actually given)."""
+    server = {
+        key: getattr(args, key)
+        for key in ("host", "port", "log_level")
+        if getattr(args, key, None) is not None
+    }
+    overrides: dict[str, Any] = {"server": server} if server else {}
+    upstreams = {}
+    for i, spec in enumerate(args.upstream):
+        name, sep, url = spec.partition("=")
+        if not sep or "://" in name:
+            name, url = ("upstream" if i == 0 else f"upstream{i + 1}"), spec
+        upstreams[name] = {"base_url": url}
+        if args.upstream_key:
+            upstreams[name]["api_key"] = args.upstream_key
+    if upstreams:
+        overrides["upstreams"] = upstreams
+    return overrides
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Load settings with the CLI flags on top."""
+    return load_settings(args.config, overrides_from_args(args))
+
+
+def with_discovered_upstreams(settings: Settings, found: list[FoundServer]) -> Settings:
+    """Settings whose upstreams are the local servers found (or Ollama's default URL)."""
+    upstreams = {server.kind: {"base_url": server.base_url} for server in found}
+    if not upstreams:
+        upstreams = {"local": {"base_url": FALLBACK_UPSTREAM}}
+    data = settings.model_dump(mode="python")
+    data["upstreams"] = upstreams
+    return Settings.model_validate(data)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """`mnemoproxy start`: resolve upstreams, report them, serve until interrupted."""
+    import uvicorn
+
+    from proxy.app import build_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every request URL at INFO: noise, and a query string may carry a key.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not settings.upstreams and settings.server.discover:
+        ports = ", ".join(str(port) for _, port in LOCAL_SERVERS)
+        print(f"no upstream configured; looking for a local model server on ports {ports}...")
+        found = asyncio.run(probe_local_servers())
+        for line in describe_servers(found):
+            print(f"  found {line}")
+        if not found:
+            print(
+                f"  none found; using {FALLBACK_UPSTREAM} (Ollama's default). Start your model "
+                "server, or pass --upstream URL / run `mnemoproxy configure`."
+            )
+        settings = with_discovered_upstreams(settings, found)
+    for line in asyncio.run(check_upstreams(settings)):
+        print(line)
+    host, port = settings.server.host, settings.server.port
+    print(f"mnemoproxy listening on http://{host}:{port}/v1 (point your app's base URL here)")
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.auth.keys:
+        print("warning: listening beyond this machine with no [auth] keys: anyone can use it")
+    uvicorn.run(
+        build_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.server.log_level,
+        access_log=settings.server.access_log,
+        server_header=False,
+    )
+    return 0
+
+
+async def check_upstreams(settings: Settings, *, detail: bool = False) -> list[str]:
+    """One line per upstream: reachable or not, its models and (with detail) context."""
+    from proxy.app import router_from_settings
+
+    router = router_from_settings(settings)
+    pool = UpstreamPool(router.upstreams)
+    try:
+        return await asyncio.gather(*(_check(pool, u, detail) for u in router.upstreams.values()))
+    finally:
+        await pool.aclose()
+
+
+async def _check(pool: UpstreamPool, upstream: Upstream, detail: bool) -> str:
+    try:
+        models = [m["id"] for m in await list_models(pool, upstream, timeout=5.0)]
+    except Exception as exc:  # any failure is the answer here
+        return f"  upstream {upstream.name}: NOT reachable at {upstream.base_url}: {exc}"
+    shown = ", ".join(models[:8]) + (" ..." if len(models) > 8 else "")
+    line = f"  upstream {upstream.name}: ok at {upstream.base_url}; models: {shown or 'none'}"
+    if not detail:
+        return line
+    lines = [line]
+    for model in models[:8] or [None]:
+        found = await context_window(pool, upstream, model)
+        if upstream.context_window:
+            lines.append(f"    {model}: context {upstream.context_window} tokens (from config)")
+        elif found:
+            lines.append(f"    {model}: context {found[0]} tokens ({found[1]})")
+        else:
+            lines.append(f"    {model}: the server does not tell its context size")
+    return "\n".join(lines)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """`mnemoproxy doctor`: check each upstream; exit 1 if any is unreachable."""
+    settings = settings_from_args(args)
+    if not settings.upstreams:
+        print("no upstream configured; looking for local model servers...")
+        found = asyncio.run(probe_local_servers())
+        if not found:
+            print("  none found on the usual ports.")
+            return 1
+        settings = with_discovered_upstreams(settings, found)
+    lines = asyncio.run(check_upstreams(settings, detail=True))
+    for line in lines:
+        print(line)
+    return 1 if any("NOT reachable" in line for line in lines) else 0
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    """`mnemoproxy configure`: write a commented config.toml from flags or answers."""
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        print(f"{output} exists; use --force to overwrite", file=sys.stderr)
+        return 1
+    overrides = overrides_from_args(args)
+    if args.key:
+        overrides["auth"] = {"keys": args.key}
+    asked = args.interactive or (
+        sys.stdin.isatty() and not (args.upstream or args.host or args.port or args.key)
+    )
+    if asked:
+        overrides = ask_settings(overrides)
+    settings = load_settings(args.config, overrides)
+    output.write_text(render_config(settings), encoding="utf-8")
+    print(f"wrote {output}; start with: mnemoproxy start --config {output}")
+    return 0
+
+
+def ask_settings(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Ask for the main settings on the terminal; Enter keeps the suggestion."""
+    found = asyncio.run(probe_local_servers())
+    suggestion = found[0].base_url if found else FALLBACK_UPSTREAM
+    for line in describe_servers(found):
+        print(f"found {line}")
+    url = input(f"upstream base URL [{suggestion}]: ").strip() or suggestion
+    key = input("upstream API key (Enter for none): ").strip()
+    host = input("listen address [127.0.0.1]: ").strip() or "127.0.0.1"
+    port = input("port [8765]: ").strip() or "8765"
+    proxy_key = input("proxy access key for clients (Enter for none): ").strip()
+    upstream: dict[str, Any] = {"base_url": url}
+    if key:
+        upstream["api_key"] = key
+    overrides = {**overrides, "upstreams": {"main": upstream}}
+    overrides["server"] = {**overrides.get("server", {}), "host": host, "port": int(port)}
+    if proxy_key:
+        overrides["auth"] = {"keys": [proxy_key]}
+    return overrides
+
+
+if __name__ == "__main__":
+    sys.exit(main())

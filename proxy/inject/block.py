@@ -1,0 +1,301 @@
+"""The memory block: what the proxy tells the model about the past, within token caps.
+
+The block is one text made of sections, each under its own header and each capped:
+scene, pinned notes, the rolling summary, retrieved memories (in time order, dated,
+with speaker names) and a style sample. When the sections together exceed the total
+cap, they get room in priority order: notes, scene, summary, memories, style.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from proxy.inject.templates import Templates, format_fields, render
+from proxy.inject.tokens import TokenCounter
+
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+# Where a sentence ends: terminal punctuation (and closing quotes/brackets) before
+# whitespace, or a line break.
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]*]*(?=\s)|\n")
+_SECTION_SEP = "\n\n"
+PRESENTATION_ORDER = ("scene", "notes", "summary", "memories", "style")
+PRIORITY_ORDER = ("notes", "scene", "summary", "memories", "style")
+
+
+@dataclass(frozen=True)
+class Recalled:
+    """One retrieved memory, ready to show the model (and to log)."""
+
+    text: str
+    speaker: str | None
+    at: float  # unix time the memory is about (when it was said or learned)
+    kind: str  # "turn", "fact", "summary", "insight", "note"
+    score: float
+    memory_id: int
+    source_ids: tuple[int, ...] = ()
+    role: str | None = None  # "user" / "assistant" when the memory is a turn
+    components: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BlockInput:
+    """Everything that may go into the memory block. `memories` are ranked best first."""
+
+    summary: str | None = None
+    memories: Sequence[Recalled] = ()
+    style_sample: str | None = None
+    notes: Sequence[str] = ()
+    scene: Mapping[str, str] = field(default_factory=dict)
+    char: str = "Assistant"
+    user: str = "User"
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Token caps: one per section (its header included) and one for the whole block."""
+
+    summary: int = 400
+    memories: int = 800
+    style: int = 300
+    notes: int = 200
+    scene: int = 200
+    total: int = 1600
+
+
+@dataclass(frozen=True)
+class Block:
+    """The built block. `tokens` counts `text` alone (no chat-message overhead).
+
+    `included` are the memories shown, in the order shown (time order); `sections`
+    maps each non-empty section to its tokens.
+    """
+
+    text: str
+    tokens: int
+    included: tuple[Recalled, ...]
+    sections: dict[str, int]
+
+
+EMPTY_BLOCK = Block(text="", tokens=0, included=(), sections={})
+
+
+def build_block(
+    inp: BlockInput,
+    counter: TokenCounter,
+    templates: Templates,
+    caps: Caps,
+    *,
+    tz: datetime.tzinfo | None = None,
+) -> Block:
+    """Build the memory block; `Block.text == ""` when there is nothing to say.
+
+    Summary and style sample are cut at a sentence boundary (at a word, with "…",
+    when not even one sentence fits). Memories: the best-ranked ones whose line fits
+    are chosen (one too long for the room left is skipped, shorter ones after it may
+    still fit), then shown oldest first with their date and speaker. Dates are written
+    in `tz` (UTC when None, so output never depends on the machine). Deterministic.
+    """
+    builder = _Builder(inp, counter, templates, caps, tz or datetime.UTC)
+    # Token counts of joined pieces are not exactly additive (BPE merges across a
+    # join), so build against a limit and shrink it by any overflow until it fits.
+    limit = caps.total
+    while limit > 0:
+        block = builder.build(limit)
+        if block.tokens <= caps.total:
+            return block
+        limit -= block.tokens - caps.total
+    return EMPTY_BLOCK
+
+
+class _Builder:
+    def __init__(
+        self,
+        inp: BlockInput,
+        counter: TokenCounter,
+        templates: Templates,
+        caps: Caps,
+        tz: datetime.tzinfo,
+    ) -> None:
+        self.inp = inp
+        self.counter = counter
+        self.t = templates
+        self.caps = caps
+        self.tz = tz
+        self.names = {"char": inp.char, "user": inp.user}
+        self.sep_tokens = counter.count_text(_SECTION_SEP)
+
+    def build(self, limit: int) -> Block:
+        header = render(self.t.block_header, self.names)
+        remaining = limit - self.counter.count_text(header)
+        texts: dict[str, str] = {}
+        included: tuple[Recalled, ...] = ()
+        for name in PRIORITY_ORDER:
+            cap = min(getattr(self.caps, name), remaining - self.sep_tokens)
+            if cap <= 0:
+                continue
+            text, chosen = _fit(lambda n, name=name: self._section(name, n), cap, self.counter)
+            if not text:
+                continue
+            texts[name] = text
+            remaining -= self.counter.count_text(text) + self.sep_tokens
+            if name == "memories":
+                included = chosen
+        if not texts:
+            return EMPTY_BLOCK
+        body = [texts[name] for name in PRESENTATION_ORDER if name in texts]
+        text = _SECTION_SEP.join([header, *body])
+        return Block(
+            text=text,
+            tokens=self.counter.count_text(text),
+            included=included,
+            sections={name: self.counter.count_text(texts[name]) for name in texts},
+        )
+
+    def _section(self, name: str, limit: int) -> tuple[str, tuple[Recalled, ...]]:
+        if name == "memories":
+            return self._memories(limit)
+        if name == "summary":
+            return self._prose(self.t.summary_header, self.inp.summary, limit), ()
+        if name == "style":
+            return self._prose(self.t.style_header, self.inp.style_sample, limit), ()
+        if name == "notes":
+            lines = [
+                format_fields(self.t.note_line, {"text": _one_line(n)}) for n in self.inp.notes
+            ]
+            return self._lines(self.t.notes_header, lines, limit), ()
+        return self._lines(self.t.scene_header, self._scene_lines(), limit), ()
+
+    def _header(self, template: str) -> tuple[str, int]:
+        text = render(template, self.names)
+        return text, self.counter.count_text(text + "\n")
+
+    def _prose(self, header_template: str, body: str | None, limit: int) -> str:
+        if not body or not body.strip():
+            return ""
+        header, cost = self._header(header_template)
+        cut = truncate(body.strip(), limit - cost, self.counter)
+        return f"{header}\n{cut}" if cut else ""
+
+    def _lines(self, header_template: str, lines: list[str], limit: int) -> str:
+        header, cost = self._header(header_template)
+        room = limit - cost
+        chosen = []
+        for line in lines:
+            line_cost = self.counter.count_text(line + "\n")
+            if line and line_cost <= room:
+                chosen.append(line)
+                room -= line_cost
+        return "\n".join([header, *chosen]) if chosen else ""
+
+    def _memories(self, limit: int) -> tuple[str, tuple[Recalled, ...]]:
+        header, cost = self._header(self.t.memories_header)
+        room = limit - cost
+        chosen: list[tuple[Recalled, str]] = []
+        for memory in self.inp.memories:  # best first
+            line = self._memory_line(memory)
+            line_cost = self.counter.count_text(line + "\n")
+            if line_cost <= room:
+                chosen.append((memory, line))
+                room -= line_cost
+        if not chosen:
+            return "", ()
+        chosen.sort(key=lambda pair: (pair[0].at, pair[0].memory_id))
+        text = "\n".join([header, *(line for _, line in chosen)])
+        return text, tuple(memory for memory, _ in chosen)
+
+    def _memory_line(self, memory: Recalled) -> str:
+        when = datetime.datetime.fromtimestamp(memory.at, self.tz)
+        date = format_fields(
+            self.t.memory_date,
+            {"date": when.strftime("%Y-%m-%d"), "weekday": _WEEKDAYS[when.weekday()]},
+        )
+        speaker = memory.speaker or {"user": self.inp.user, "assistant": self.inp.char}.get(
+            memory.role or ""
+        )
+        values = {"date": date, "text": _one_line(memory.text)}
+        if speaker:
+            return format_fields(self.t.memory_line, {**values, "speaker": speaker})
+        return format_fields(self.t.memory_line_unattributed, values)
+
+    def _scene_lines(self) -> list[str]:
+        known = {
+            "character": self.t.scene_character,
+            "location": self.t.scene_location,
+            "user": self.t.scene_user,
+        }
+        scene = self.inp.scene
+        keys = [k for k in known if k in scene] + [k for k in scene if k not in known]
+        lines = []
+        for key in keys:
+            value = _one_line(scene[key])
+            if not value:
+                continue
+            template = known.get(key, self.t.scene_other)
+            lines.append(render(template, {**self.names, "key": key, "value": value}))
+        return lines
+
+
+def _fit(
+    build: Callable[[int], tuple[str, tuple[Recalled, ...]]],
+    cap: int,
+    counter: TokenCounter,
+) -> tuple[str, tuple[Recalled, ...]]:
+    """Build a section against a shrinking limit until its real count is within `cap`."""
+    limit = cap
+    while limit > 0:
+        text, chosen = build(limit)
+        tokens = counter.count_text(text)
+        if tokens <= cap:
+            return text, chosen
+        limit -= tokens - cap
+    return "", ()
+
+
+def truncate(text: str, max_tokens: int, counter: TokenCounter) -> str:
+    """The longest head of `text` within `max_tokens`, cut at a sentence boundary.
+
+    When not even the first sentence fits, cut at a word and end with "…"; when not
+    even a word fits, the empty string.
+    """
+    if max_tokens <= 0:
+        return ""
+    if counter.count_text(text) <= max_tokens:
+        return text
+    sentence_cuts = sorted({m.end() for m in _SENTENCE_END.finditer(text)})
+    head = _longest_head(text, sentence_cuts, max_tokens, counter, suffix="")
+    if head:
+        return head
+    word_cuts = [m.start() for m in re.finditer(r"\s+", text)]
+    return _longest_head(text, word_cuts, max_tokens, counter, suffix="…")
+
+
+def _longest_head(
+    text: str, cuts: list[int], max_tokens: int, counter: TokenCounter, suffix: str
+) -> str:
+    """Binary search over cut points for the longest head that fits.
+
+    Token counts grow with the head's length for all practical purposes; `_fit`
+    guards the rare exception.
+    """
+    first_visible = len(text) - len(text.lstrip())
+    cuts = [cut for cut in cuts if cut > first_visible]  # heads that are not blank
+
+    def head(i: int) -> str:
+        return text[: cuts[i]].rstrip() + suffix
+
+    lo, hi = 0, len(cuts)  # how many heads fit, known to lie in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if counter.count_text(head(mid - 1)) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return head(lo - 1) if lo else ""
+
+
+def _one_line(text: str) -> str:
+    """Collapse whitespace, newlines included: one memory, one line."""
+    return " ".join(text.split())

@@ -1,0 +1,96 @@
+"""The words the proxy writes for the model, as defaults that config can override.
+
+Templates use `{{name}}` placeholders, the macro syntax character-chat users already
+know from SillyTavern: `{{char}}` is the character's name, `{{user}}` the user's.
+The one-line formats (`memory_line`, `memory_date`) use single-brace fields that are
+filled by `format_fields`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def render(template: str, values: Mapping[str, str]) -> str:
+    """Replace `{{name}}` placeholders with `values[name]`.
+
+    Names match exactly or case-insensitively (`{{Char}}` works); whitespace inside
+    the braces is allowed. Unknown placeholders are left as they are. One pass: a
+    value that itself contains `{{...}}` is not expanded again.
+    """
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in values:
+            return values[name]
+        lowered = name.lower()
+        if lowered in values:
+            return values[lowered]
+        return match.group(0)
+
+    return _PLACEHOLDER.sub(substitute, template)
+
+
+def format_fields(template: str, values: Mapping[str, str]) -> str:
+    """Replace single-brace `{name}` fields (one pass; unknown fields left as is).
+
+    Unlike `str.format`, stray braces in a configured template or in the values
+    (memory texts are user content) can never raise.
+    """
+    return _FIELD.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+@dataclass(frozen=True)
+class Templates:
+    """Every text the memory block is made of. Each field is one template string."""
+
+    # Opens the memory block: what it is, that it is dated, how to use it.
+    block_header: str
+    # Section headers, in the order the sections appear in the block.
+    scene_header: str
+    notes_header: str
+    summary_header: str
+    memories_header: str
+    style_header: str
+    # One remembered item: fields {date}, {speaker}, {text}.
+    memory_line: str
+    # One remembered item with no known speaker (a fact, a summary): {date}, {text}.
+    memory_line_unattributed: str
+    # How a date is written: fields {date} (YYYY-MM-DD) and {weekday} (Mon..Sun).
+    memory_date: str
+    # One pinned note: field {text}.
+    note_line: str
+    # Scene lines, one per known key of the scene mapping: {{value}} plus the names.
+    scene_character: str
+    scene_location: str
+    scene_user: str
+    # Any other scene key: {{key}} and {{value}}.
+    scene_other: str
+
+
+DEFAULT_TEMPLATES = Templates(
+    block_header=(
+        "[Memory: notes from earlier parts of this conversation between {{char}} and "
+        "{{user}}, with their dates. Use them when they are relevant to the reply; do "
+        "not mention that they are notes. When two of them disagree, the newer one is "
+        "right.]"
+    ),
+    scene_header="Scene:",
+    notes_header="Always keep in mind:",
+    summary_header="The story so far:",
+    memories_header="Remembered from earlier (oldest first):",
+    style_header="How {{char}} speaks — an earlier reply, for voice and style only, not content:",
+    memory_line="[{date}] {speaker}: {text}",
+    memory_line_unattributed="[{date}] {text}",
+    memory_date="{date} ({weekday})",
+    note_line="- {text}",
+    scene_character="{{char}}: {{value}}",
+    scene_location="Where: {{value}}",
+    scene_user="{{char}} is talking with {{value}}.",
+    scene_other="{{key}}: {{value}}",
+)

@@ -1,0 +1,287 @@
+"""Numbered schema migrations of the memory store.
+
+Each migration is a function ``mNNN_description(conn)``; ``MIGRATIONS`` lists them in
+order. ``migrate(conn)`` applies the ones the file lacks, each in its own
+``BEGIN IMMEDIATE`` transaction together with the new version number, which lives in
+``PRAGMA user_version`` (part of the database header, so it commits atomically with
+the migration). A file whose version is above the newest migration here was written
+by a newer mnemoproxy: it is refused, never downgraded.
+
+Never edit a released migration; add a new one.
+
+Schema notes (m001):
+- ``owner`` on scopes is a hash of the proxy key that created the scope ("" when no
+  keys are configured); (owner, name) is unique.
+- ``messages.seq`` orders a scope's transcript and only grows; undone messages keep
+  their seq (state 'undone'), so the transcript's history is never rewritten.
+- FTS5 (``memories_fts``) is contentless and holds exactly the *active* memories,
+  kept so by triggers; its ``scope`` column holds the token ``s<scope_id>`` so a
+  keyword search is confined to one scope inside the FTS index itself.
+- ``embeddings`` holds each memory's unit float32 vector (exact re-scoring). The
+  sqlite-vec table ``memories_vec`` depends on the embedding dimension, so it is
+  created by ``proxy.memory.vectors.ensure_vec_table`` when the first vector is
+  written, not by a migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from proxy.memory.db import (
+    APPLICATION_ID,
+    Connection,
+    StoreError,
+    StoreTooNew,
+    sqlite_driver,
+)
+
+Migration = Callable[[Connection], None]
+
+
+def m001_initial(conn: Connection) -> None:
+    """Scopes, transcript, memories (+ sources, FTS5, float vectors), summaries,
+    style, jobs and the request log."""
+    _execute_script(
+        conn,
+        """
+        CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID;
+
+        CREATE TABLE scopes (
+            id INTEGER PRIMARY KEY,
+            owner TEXT NOT NULL,
+            name TEXT NOT NULL,
+            label TEXT,
+            created_at REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            settings TEXT NOT NULL DEFAULT '{}',
+            UNIQUE (owner, name)
+        );
+
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            scope_id INTEGER NOT NULL REFERENCES scopes (id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            role TEXT NOT NULL,
+            speaker TEXT,
+            content TEXT NOT NULL DEFAULT '',
+            raw TEXT NOT NULL DEFAULT '{}',
+            fingerprint TEXT NOT NULL,
+            seen_at REAL NOT NULL,
+            state TEXT NOT NULL DEFAULT 'active'
+                CHECK (state IN ('active', 'undone', 'partial')),
+            request_id TEXT,
+            undone_at REAL,
+            UNIQUE (scope_id, seq)
+        );
+        -- The active transcript of a scope, in order (queries repeat this WHERE).
+        CREATE INDEX messages_live ON messages (scope_id, seq) WHERE state != 'undone';
+        CREATE INDEX messages_fingerprint ON messages (scope_id, fingerprint);
+
+        CREATE TABLE memories (
+            id INTEGER PRIMARY KEY,
+            scope_id INTEGER NOT NULL REFERENCES scopes (id) ON DELETE CASCADE,
+            kind TEXT NOT NULL CHECK (kind IN ('turn', 'fact', 'summary', 'insight', 'note')),
+            text TEXT NOT NULL,
+            importance REAL NOT NULL DEFAULT 0.5,
+            at REAL NOT NULL,
+            created_at REAL NOT NULL,
+            state TEXT NOT NULL DEFAULT 'active'
+                CHECK (state IN ('active', 'retracted', 'superseded')),
+            superseded_by INTEGER REFERENCES memories (id) ON DELETE SET NULL,
+            pinned INTEGER NOT NULL DEFAULT 0,
+            speaker TEXT,
+            role TEXT,
+            embedded INTEGER NOT NULL DEFAULT 0,
+            meta TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX memories_scope ON memories (scope_id, state, kind);
+        CREATE INDEX memories_unembedded ON memories (id)
+            WHERE embedded = 0 AND state = 'active';
+        CREATE INDEX memories_superseded_by ON memories (superseded_by)
+            WHERE superseded_by IS NOT NULL;
+
+        CREATE TABLE memory_sources (
+            memory_id INTEGER NOT NULL REFERENCES memories (id) ON DELETE CASCADE,
+            message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+            PRIMARY KEY (memory_id, message_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX memory_sources_message ON memory_sources (message_id);
+
+        CREATE TABLE embeddings (
+            memory_id INTEGER PRIMARY KEY REFERENCES memories (id) ON DELETE CASCADE,
+            vector BLOB NOT NULL
+        );
+
+        CREATE VIRTUAL TABLE memories_fts USING fts5 (
+            scope, text,
+            content = '',
+            tokenize = 'porter unicode61 remove_diacritics 2'
+        );
+        -- The scope column only filters; BM25 ranks on the text alone.
+        INSERT INTO memories_fts (memories_fts, rank) VALUES ('rank', 'bm25(0.0, 1.0)');
+
+        CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories
+        WHEN new.state = 'active'
+        BEGIN
+            INSERT INTO memories_fts (rowid, scope, text)
+            VALUES (new.id, 's' || new.scope_id, new.text);
+        END;
+        CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories
+        WHEN old.state = 'active'
+        BEGIN
+            INSERT INTO memories_fts (memories_fts, rowid, scope, text)
+            VALUES ('delete', old.id, 's' || old.scope_id, old.text);
+        END;
+        CREATE TRIGGER memories_fts_update_old AFTER UPDATE OF state, text, scope_id ON memories
+        WHEN old.state = 'active'
+        BEGIN
+            INSERT INTO memories_fts (memories_fts, rowid, scope, text)
+            VALUES ('delete', old.id, 's' || old.scope_id, old.text);
+        END;
+        CREATE TRIGGER memories_fts_update_new AFTER UPDATE OF state, text, scope_id ON memories
+        WHEN new.state = 'active'
+        BEGIN
+            INSERT INTO memories_fts (rowid, scope, text)
+            VALUES (new.id, 's' || new.scope_id, new.text);
+        END;
+
+        CREATE TABLE summaries (
+            id INTEGER PRIMARY KEY,
+            scope_id INTEGER NOT NULL REFERENCES scopes (id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            covers_until_seq INTEGER NOT NULL,
+            state TEXT NOT NULL DEFAULT 'active'
+                CHECK (state IN ('active', 'archived', 'retracted')),
+            meta TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX summaries_scope ON summaries (scope_id, state, id);
+        -- At most one active summary per scope.
+        CREATE UNIQUE INDEX summaries_one_active ON summaries (scope_id) WHERE state = 'active';
+
+        CREATE TABLE style (
+            scope_id INTEGER PRIMARY KEY REFERENCES scopes (id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            message_id INTEGER REFERENCES messages (id) ON DELETE SET NULL,
+            source TEXT NOT NULL CHECK (source IN ('auto', 'manual')),
+            enabled INTEGER NOT NULL DEFAULT 1,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX style_message ON style (message_id) WHERE message_id IS NOT NULL;
+
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            scope_id INTEGER REFERENCES scopes (id) ON DELETE CASCADE,
+            kind TEXT NOT NULL,
+            payload TEXT NOT NULL DEFAULT '{}',
+            state TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'running', 'done', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            run_after REAL NOT NULL,
+            last_error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX jobs_claim ON jobs (state, run_after, id);
+        CREATE INDEX jobs_scope ON jobs (scope_id) WHERE scope_id IS NOT NULL;
+
+        CREATE TABLE requests (
+            id TEXT PRIMARY KEY,
+            scope_id INTEGER REFERENCES scopes (id) ON DELETE CASCADE,
+            created_at REAL NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX requests_scope ON requests (scope_id, created_at);
+        CREATE INDEX requests_created ON requests (created_at);
+        """
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (m001_initial,)
+
+
+def _execute_script(conn: Connection, script: str) -> None:
+    """Run ``script`` statement by statement inside the caller's transaction.
+
+    ``executescript`` would COMMIT the open transaction first, which would make a
+    failed migration half-applied; splitting on complete statements keeps it atomic.
+    """
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite_driver().complete_statement(pending):
+            if pending.strip():
+                conn.execute(pending)
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:80]}")
+
+
+def migration_number(migration: Migration) -> int:
+    """The number of a migration, from its name: ``m001_initial`` -> 1."""
+    return int(migration.__name__[1:4])
+
+
+def latest_version() -> int:
+    """The schema version this code writes."""
+    return migration_number(MIGRATIONS[-1])
+
+
+def schema_version(conn: Connection) -> int:
+    """The schema version recorded in the file (0 for a new file)."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: Connection, path: Path | str = "<store>") -> int:
+    """Bring the file up to the latest schema; return the version it is at.
+
+    Raises StoreTooNew for a file written by a newer mnemoproxy, StoreError for a
+    SQLite file that belongs to another application. ``conn`` must be in autocommit
+    mode (no transaction open).
+    """
+    numbers = [migration_number(m) for m in MIGRATIONS]
+    if numbers != sorted(set(numbers)):
+        raise RuntimeError(f"migrations are not numbered in order: {numbers}")
+    for migration, number in zip(MIGRATIONS, numbers, strict=True):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Checked inside the write lock: another process may have migrated.
+            current = _checked_version(conn, path)
+            if current >= number:
+                conn.execute("ROLLBACK")
+                continue
+            migration(conn)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return _checked_version(conn, path)
+
+
+def _checked_version(conn: Connection, path: Path | str) -> int:
+    version = schema_version(conn)
+    app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+    if app_id not in (0, APPLICATION_ID):
+        raise StoreError(f"{path} is a SQLite database of another application, not a memory store")
+    if app_id == 0 and version == 0:
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if tables:
+            raise StoreError(
+                f"{path} is a SQLite database with other tables, not a memory store; "
+                "refusing to add ours to it"
+            )
+    latest = latest_version()
+    if version > latest:
+        raise StoreTooNew(
+            f"the memory store {path} has schema version {version}, written by a newer "
+            f"mnemoproxy; this version understands up to {latest}. Upgrade mnemoproxy "
+            "(downgrading the file is not supported)."
+        )
+    return version

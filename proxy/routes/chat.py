@@ -1,0 +1,147 @@
+"""POST /v1/chat/completions (and /s/{scope}/v1/chat/completions)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from proxy.errors import ProxyError, UpstreamError, error_envelope
+from proxy.routes.http import (
+    ClientGone,
+    parse_json_object,
+    read_body,
+    request_headers,
+    send_bytes,
+    send_error,
+)
+from proxy.routes.relay import relay_sse, response_headers, run_until_disconnect
+from proxy.routes.state import AppState
+from proxy.routes.validation import validate_chat_body
+from proxy.upstreams.client import upstream_headers
+from proxy.upstreams.registry import Upstream
+from proxy.upstreams.sse import ReplyAccumulator
+
+log = logging.getLogger("mnemoproxy.chat")
+
+
+class ChatCompletions:
+    """The chat endpoint, as a raw ASGI app so that it owns its stream end to end."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: AppState = scope["app"].state.proxy
+        started = time.perf_counter()
+        headers = request_headers(scope)
+        try:
+            identity = state.auth.identify(headers)
+            raw = await read_body(scope, receive, state.max_body_bytes)
+            body = parse_json_object(raw)
+            validate_chat_body(body)
+            route = state.router.pick(body.get("model"))
+            plan = await state.memory.prepare(
+                identity=identity,
+                path_scope=scope.get("path_params", {}).get("scope"),
+                headers=headers,
+                body=body,
+                route=route,
+            )
+            if plan.body is not None:
+                outgoing = json.dumps(plan.body, ensure_ascii=False).encode()
+            elif route.model != body.get("model"):
+                outgoing = json.dumps({**body, "model": route.model}, ensure_ascii=False).encode()
+            else:
+                outgoing = raw  # untouched: unknown fields pass through byte for byte
+            response = await state.pool.send(
+                route.upstream,
+                "POST",
+                "chat/completions",
+                headers=upstream_headers(route.upstream, headers),
+                content=outgoing,
+            )
+        except ClientGone:
+            return
+        except ProxyError as exc:
+            state.metrics.count_error(exc)
+            await send_error(send, exc)
+            return
+        state.metrics.upstream_started(route.upstream.name, time.perf_counter() - started)
+        try:
+            if response.status_code >= 400:
+                await _pass_error(send, receive, response, route.upstream, plan.headers)
+            elif body.get("stream") is True:
+                reply = ReplyAccumulator()
+                result = await relay_sse(
+                    send,
+                    receive,
+                    response,
+                    route.upstream,
+                    headers=plan.headers,
+                    on_chunk=reply.add_chunk,
+                    before_done=lambda: plan.record(reply, partial=False),
+                )
+                if result.client_gone or result.error is not None:
+                    await plan.record(reply, partial=True)
+            else:
+                await self._complete(send, receive, response, route.upstream, plan)
+        finally:
+            await response.aclose()
+
+    async def _complete(
+        self,
+        send: Send,
+        receive: Receive,
+        response: httpx.Response,
+        upstream: Upstream,
+        plan: Any,
+    ) -> None:
+        """A non-streamed reply: read it whole, record it, then answer."""
+        client_gone = await run_until_disconnect(receive, response.aread())
+        if client_gone:
+            return
+        content = response.content
+        reply = ReplyAccumulator()
+        try:
+            reply.add_completion(json.loads(content))
+        except ValueError:
+            error = UpstreamError(f"upstream {upstream.name!r} sent a reply that is not JSON")
+            await send_error(send, error, plan.headers)
+            return
+        await plan.record(reply, partial=False)
+        await send_bytes(
+            send,
+            response.status_code,
+            content,
+            content_type=response.headers.get("content-type", "application/json"),
+            headers=_content_free(response_headers(response, plan.headers)),
+        )
+
+
+async def _pass_error(
+    send: Send,
+    receive: Receive,
+    response: httpx.Response,
+    upstream: Upstream,
+    extra: dict[str, str],
+) -> None:
+    """Pass an upstream error status through with its body (wrapped if it is not JSON)."""
+    if await run_until_disconnect(receive, response.aread()):
+        return
+    content = response.content
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or "error" not in parsed:
+        text = content.decode("utf-8", "replace").strip()[:500]
+        message = f"upstream {upstream.name!r} answered {response.status_code}: {text}"
+        content = json.dumps(error_envelope(message, "upstream_error")).encode()
+    await send_bytes(send, response.status_code, content, headers=extra)
+
+
+def _content_free(headers: dict[str, str]) -> dict[str, str]:
+    """Drop content-type/length: send_bytes sets them from the actual body."""
+    return {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}

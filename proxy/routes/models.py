@@ -1,0 +1,51 @@
+"""GET /v1/models: the models of every upstream, merged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from proxy.errors import ProxyError, UpstreamError
+from proxy.routes.state import AppState
+from proxy.upstreams.discovery import list_models
+
+log = logging.getLogger("mnemoproxy.models")
+
+LIST_TIMEOUT = 10.0
+
+
+async def merged_models(state: AppState) -> tuple[list[dict], list[str]]:
+    """Every upstream's models, each listed under an id that routes back to it, and the
+    errors of the upstreams that did not answer."""
+    upstreams = list(state.router.upstreams.values())
+    results = await asyncio.gather(
+        *(list_models(state.pool, u, timeout=LIST_TIMEOUT) for u in upstreams),
+        return_exceptions=True,
+    )
+    merged: dict[str, dict] = {}
+    errors = []
+    for upstream, result in zip(upstreams, results, strict=True):
+        if isinstance(result, ProxyError):
+            errors.append(result.message)
+            continue
+        if isinstance(result, BaseException):
+            raise result
+        for entry in result:
+            public = state.router.public_model_id(upstream, entry["id"])
+            merged.setdefault(public, {**entry, "id": public})
+    return list(merged.values()), errors
+
+
+async def models(request: Request) -> JSONResponse:
+    """List the merged models; 502 only when no upstream answered."""
+    state: AppState = request.app.state.proxy
+    state.auth.identify({k.lower(): v for k, v in request.headers.items()})
+    data, errors = await merged_models(state)
+    for error in errors:
+        log.warning("listing models: %s", error)
+    if errors and not data:
+        raise UpstreamError("no upstream listed its models: " + "; ".join(errors))
+    return JSONResponse({"object": "list", "data": data})

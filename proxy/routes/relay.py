@@ -1,0 +1,177 @@
+"""Relaying an upstream response to the client as it arrives.
+
+The relay never buffers: each SSE event is sent the moment it is complete. While it
+runs, a watcher listens for the client going away; when it does, the relay is cancelled
+at once so that the caller's `finally` closes the upstream request (the upstream sees
+the connection close, and a local server stops generating).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.types import Receive, Send
+
+from proxy.errors import ProxyError, UpstreamError, sse_error_event
+from proxy.routes.http import encode_headers
+from proxy.upstreams.client import translate_error
+from proxy.upstreams.registry import Upstream
+from proxy.upstreams.sse import DONE, EventSplitter, InvalidSSE
+
+# Upstream response headers that describe the upstream connection, not the content.
+_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "content-encoding",
+        "date",
+        "server",
+        "set-cookie",
+    }
+)
+
+
+@dataclass
+class RelayResult:
+    """How a relay ended."""
+
+    completed: bool = False  # the upstream finished its response normally
+    client_gone: bool = False  # the client disconnected first
+    error: ProxyError | None = None  # the upstream failed mid-stream
+
+
+def response_headers(upstream: httpx.Response, extra: Mapping[str, str]) -> dict[str, str]:
+    """The upstream's content headers plus ours (X-Memory-*)."""
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+    headers.update(extra)
+    return headers
+
+
+async def relay_sse(
+    send: Send,
+    receive: Receive,
+    response: httpx.Response,
+    upstream: Upstream,
+    *,
+    headers: Mapping[str, str],
+    on_chunk: Callable[[Any], None] | None = None,
+    before_done: Callable[[], Awaitable[None]] | None = None,
+) -> RelayResult:
+    """Relay an SSE chat stream event by event; the caller closes `response`.
+
+    Invalid SSE or a broken upstream becomes one `data: {"error": ...}` event and
+    `[DONE]`. `before_done` runs after the upstream's last event and before `[DONE]`
+    reaches the client (the memory write, so a client that saw `[DONE]` knows its
+    turn is stored).
+    """
+    out = response_headers(response, headers)
+    out["content-type"] = "text/event-stream; charset=utf-8"
+    out.setdefault("cache-control", "no-cache")
+    out["x-accel-buffering"] = "no"
+    result = RelayResult()
+
+    async def pump() -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": encode_headers(out)})
+        splitter = EventSplitter()
+        try:
+            async for chunk in response.aiter_bytes():
+                for event in splitter.feed(chunk):
+                    if event.done:
+                        continue  # we send our own [DONE] once everything is settled
+                    if on_chunk is not None and event.data is not None:
+                        on_chunk(event.data)
+                    await _body(send, event.raw)
+            for event in splitter.finish():
+                if not event.done:
+                    if on_chunk is not None and event.data is not None:
+                        on_chunk(event.data)
+                    await _body(send, event.raw)
+        except InvalidSSE as exc:
+            result.error = UpstreamError(
+                f"upstream {upstream.name!r} sent an invalid stream: {exc}"
+            )
+        except httpx.HTTPError as exc:
+            result.error = translate_error(upstream, exc)
+        if result.error is not None:
+            await _body(send, sse_error_event(result.error))
+        else:
+            result.completed = True
+            if before_done is not None:
+                await before_done()
+            await _body(send, DONE)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    result.client_gone = await run_until_disconnect(receive, pump())
+    return result
+
+
+async def relay_bytes(
+    send: Send, receive: Receive, response: httpx.Response, *, headers: Mapping[str, str]
+) -> RelayResult:
+    """Relay any response body unchanged, chunk by chunk; the caller closes `response`."""
+    out = response_headers(response, headers)
+    result = RelayResult()
+
+    async def pump() -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": encode_headers(out),
+            }
+        )
+        try:
+            async for chunk in response.aiter_bytes():
+                await _body(send, chunk)
+        except httpx.HTTPError as exc:
+            # Headers are gone already; all we can do is end the body early.
+            result.error = UpstreamError(f"upstream failed mid-response: {exc}")
+        else:
+            result.completed = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    result.client_gone = await run_until_disconnect(receive, pump())
+    return result
+
+
+async def _body(send: Send, data: bytes) -> None:
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def run_until_disconnect(receive: Receive, work: Awaitable[None]) -> bool:
+    """Run `work` until it ends or the client disconnects; True if the client left.
+
+    A client that disconnects cancels `work` at once, wherever it is waiting (for
+    example on a slow upstream), instead of when the next send would fail.
+    """
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        if work_task in done:
+            try:
+                work_task.result()
+            except OSError:
+                return True  # the server could not write to the client: it is gone
+            return False
+        work_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await work_task
+        return True
+    finally:
+        watch_task.cancel()
+        work_task.cancel()
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,23 @@
+"""Everything a route needs, built once by the app's lifespan and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.metrics import Metrics
+from proxy.routes.auth import Auth
+from proxy.routes.plan import Memory
+from proxy.upstreams.client import UpstreamPool
+from proxy.upstreams.registry import Router
+
+
+@dataclass
+class AppState:
+    """The long-lived objects of a running proxy."""
+
+    router: Router
+    pool: UpstreamPool
+    auth: Auth
+    memory: Memory
+    metrics: Metrics
+    max_body_bytes: int

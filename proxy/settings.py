@@ -1,0 +1,203 @@
+"""Settings: defaults < config.toml < environment < CLI flags, built once at start.
+
+`load_settings()` is the only way in. The environment is read when it is called, never
+at import. Environment variables are `MNEMOPROXY_<SECTION>__<KEY>`, for example
+`MNEMOPROXY_SERVER__PORT=9000` or `MNEMOPROXY_UPSTREAMS__LOCAL__BASE_URL=...`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "MNEMOPROXY_CONFIG"
+
+
+class SettingsError(Exception):
+    """The configuration cannot be used (unreadable file, invalid value)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    """Where the proxy listens and how it treats requests."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on. 127.0.0.1 keeps the proxy private to this machine; "
+        "use 0.0.0.0 only together with [auth] keys.",
+    )
+    port: int = Field(default=8765, ge=0, le=65535, description="Port to listen on.")
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted (bytes); larger ones get a 413.",
+    )
+    default_upstream: str = Field(
+        default="",
+        description="Upstream for models no route or prefix names. Empty: the only upstream "
+        "if there is exactly one, else unknown models get a 404.",
+    )
+    discover: bool = Field(
+        default=True,
+        description="With no upstream configured, look for a local model server on the usual "
+        "ports (Ollama 11434, LM Studio 1234, llama.cpp 8080, text-generation-webui 5000).",
+    )
+    log_level: str = Field(default="info", description="debug, info, warning or error.")
+    access_log: bool = Field(default=False, description="Log one line per HTTP request.")
+
+
+class AuthSettings(_Section):
+    """Access keys of the proxy itself (not of the upstreams)."""
+
+    keys: list[SecretStr] = Field(
+        default=[],
+        description="Keys clients must send as 'Authorization: Bearer <key>'. Empty: no key "
+        "needed. Each key sees only the memory it created.",
+    )
+    admin_keys: list[SecretStr] = Field(
+        default=[], description="Keys that may also see and manage every key's memory."
+    )
+
+
+class UpstreamSettings(_Section):
+    """One model server speaking the OpenAI API under /v1."""
+
+    base_url: str = Field(description="The server's OpenAI-compatible base URL, with /v1.")
+    api_key: SecretStr | None = Field(
+        default=None, description="Key sent to this upstream. Never logged, never sent to clients."
+    )
+    models: list[str] = Field(
+        default=[], description="Model names that always go to this upstream."
+    )
+    prefix: str | None = Field(
+        default=None,
+        description="'<prefix>/<model>' goes to this upstream with the prefix removed. "
+        "Default: the upstream's name.",
+    )
+    forward_client_key: bool = Field(
+        default=False,
+        description="Send the client's own Authorization header upstream when no api_key is set.",
+    )
+    connect_timeout: float = Field(default=5.0, gt=0, description="Seconds to connect.")
+    read_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds to wait for the next byte of a reply."
+    )
+    context_window: int = Field(
+        default=0,
+        ge=0,
+        description="Context window in tokens for this upstream's models. 0: ask the server "
+        "(llama.cpp, Ollama, LM Studio, vLLM tell it), else use [memory] default_context_window.",
+    )
+    max_connections: int = Field(
+        default=100, ge=1, description="Most simultaneous connections to this upstream."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {value!r}")
+        return value
+
+
+class Settings(BaseSettings):
+    """All of mnemoproxy's settings. Sections mirror config.toml."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MNEMOPROXY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    upstreams: dict[str, UpstreamSettings] = Field(
+        default={}, description="Model servers, each under [upstreams.<name>]."
+    )
+    routes: dict[str, str] = Field(
+        default={},
+        description="Model name (or glob such as 'gpt-4*') -> upstream name.",
+    )
+
+    def upstream_names(self) -> list[str]:
+        """Names of the configured upstreams, in config order."""
+        return list(self.upstreams)
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    """A settings source over an already-parsed mapping (the TOML file)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]):
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a config.toml, with errors that name the file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise SettingsError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def config_path_from_env(explicit: str | Path | None) -> Path | None:
+    """The config file to use: the explicit path, else $MNEMOPROXY_CONFIG, else none."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env).expanduser() if env else None
+
+
+def load_settings(
+    config_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build the settings: defaults < config file < environment < `overrides` (CLI flags).
+
+    `overrides` is nested like the file: `{"server": {"port": 9000}}`.
+    """
+    path = config_path_from_env(config_path)
+    file_data = read_config_file(path) if path else {}
+
+    class _Sourced(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _DictSource(settings_cls, file_data))
+
+    try:
+        settings = _Sourced(**(overrides or {}))
+    except ValueError as exc:
+        where = f" (from {path})" if path else ""
+        raise SettingsError(f"invalid configuration{where}:\n{exc}") from exc
+    for model, upstream in settings.routes.items():
+        if upstream not in settings.upstreams:
+            raise SettingsError(f"route {model!r} points at unknown upstream {upstream!r}")
+    default = settings.server.default_upstream
+    if default and default not in settings.upstreams:
+        raise SettingsError(f"server.default_upstream {default!r} is not a configured upstream")
+    return settings

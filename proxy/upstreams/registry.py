@@ -1,0 +1,103 @@
+"""Which upstream serves a model: explicit routes, then model lists, then prefixes, then default."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from proxy.errors import ModelNotFound
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One model server, as the rest of the proxy sees it (plain data)."""
+
+    name: str
+    base_url: str
+    api_key: str | None = None
+    models: frozenset[str] = frozenset()
+    prefix: str = ""
+    forward_client_key: bool = False
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    context_window: int = 0
+    max_connections: int = 100
+
+    def url(self, path: str) -> str:
+        """The upstream URL for a path relative to its base (`chat/completions`)."""
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    @property
+    def root_url(self) -> str:
+        """The server's root, without a trailing `/v1` (for `/props`, `/api/show`)."""
+        base = self.base_url
+        return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes, and the model name the upstream should see."""
+
+    upstream: Upstream
+    model: str | None
+
+
+class Router:
+    """Picks the upstream for a model name.
+
+    Order: `routes` (exact names or globs such as `gpt-4*`), an upstream's `models`
+    list, a `prefix/model` name (prefix stripped before forwarding), then the default
+    upstream. With no default, an unknown model is a 404.
+    """
+
+    def __init__(
+        self,
+        upstreams: Iterable[Upstream],
+        routes: Mapping[str, str] | None = None,
+        default: str | None = None,
+    ):
+        self.upstreams: dict[str, Upstream] = {u.name: u for u in upstreams}
+        self._routes = dict(routes or {})
+        self.default: Upstream | None = self.upstreams.get(default) if default else None
+        if default and self.default is None:
+            raise ValueError(f"default upstream {default!r} is not configured")
+        self._by_prefix = {u.prefix: u for u in self.upstreams.values() if u.prefix}
+
+    def pick(self, model: str | None) -> Route:
+        """The route for `model`; raises ModelNotFound when nothing serves it."""
+        if model:
+            for pattern, name in self._routes.items():
+                if pattern == model or fnmatch.fnmatchcase(model, pattern):
+                    return Route(self.upstreams[name], model)
+            for upstream in self.upstreams.values():
+                if model in upstream.models:
+                    return Route(upstream, model)
+            prefix, sep, rest = model.partition("/")
+            if sep and rest and prefix in self._by_prefix:
+                return Route(self._by_prefix[prefix], rest)
+        if self.default is not None:
+            return Route(self.default, model)
+        if not model:
+            raise ModelNotFound(
+                "no model given and no default upstream is configured", param="model"
+            )
+        known = ", ".join(sorted(self._by_prefix)) or "none"
+        raise ModelNotFound(
+            f"model {model!r} is not served by any upstream and no default upstream is "
+            f"configured (prefix a model with an upstream name: {known})",
+            param="model",
+        )
+
+    def public_model_id(self, upstream: Upstream, model_id: str) -> str:
+        """The id under which a model is listed, so that it routes back to `upstream`."""
+        if self.pick_quietly(model_id) is upstream:
+            return model_id
+        return f"{upstream.prefix}/{model_id}" if upstream.prefix else model_id
+
+    def pick_quietly(self, model: str) -> Upstream | None:
+        """Like pick(), but None instead of an error."""
+        try:
+            return self.pick(model).upstream
+        except ModelNotFound:
+            return None
