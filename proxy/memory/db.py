@@ -135,7 +135,7 @@ def quick_check(conn: Connection, path: Path | str) -> None:
 def is_locked_error(exc: BaseException) -> bool:
     """Whether a driver error means the database is busy or locked by someone else."""
     text = str(exc).lower()
-    return "database is locked" in text or "database is busy" in text or "locked" in text
+    return "locked" in text or "busy" in text
 
 
 def _load_sqlite_vec(conn: Connection, path: Path) -> None:

@@ -197,7 +197,7 @@ def m001_initial(conn: Connection) -> None:
         );
         CREATE INDEX requests_scope ON requests (scope_id, created_at);
         CREATE INDEX requests_created ON requests (created_at);
-        """
+        """,
     )
 
 

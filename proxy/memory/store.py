@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -272,7 +273,9 @@ def _run(
             conn.execute(begin)
         except sqlite_driver().OperationalError as exc:
             if is_locked_error(exc):
-                raise StoreLocked(f"the memory store {path} is locked by another process: {exc}")
+                raise StoreLocked(
+                    f"the memory store {path} is locked by another process: {exc}"
+                ) from exc
             raise
         try:
             result = fn(conn, *args, **kwargs)
@@ -302,10 +305,9 @@ async def _wait(future: concurrent.futures.Future[T]) -> T:
             waiter.set_result(done.result())
 
     def relay(done: concurrent.futures.Future[T]) -> None:
-        try:
+        # A closed loop raises RuntimeError: nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, done)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is waiting any more
 
     future.add_done_callback(relay)
     return await waiter
@@ -322,11 +324,10 @@ def _fail_queued(tasks: queue.SimpleQueue[_Task | None], exc: BaseException) -> 
 
 
 def _close(conn: Connection, *, optimize: bool) -> None:
-    try:
-        if optimize:
+    if optimize:
+        # A hint to the query planner; closing must not fail because of it.
+        with contextlib.suppress(Exception):
             conn.execute("PRAGMA optimize")
-    except Exception:  # noqa: S110 - closing must not fail because of a hint
-        pass
     conn.close()
 
 
