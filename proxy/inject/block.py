@@ -160,11 +160,12 @@ class _Builder:
         if name == "summary":
             return self._prose(self.t.summary_header, self.inp.summary, limit), ()
         if name == "style":
-            return self._prose(self.t.style_header, self.inp.style_sample, limit), ()
+            # A sample cut mid-sentence would teach the voice of a broken sentence.
+            sample = self.inp.style_sample
+            return self._prose(self.t.style_header, sample, limit, words=False), ()
         if name == "notes":
-            lines = [
-                format_fields(self.t.note_line, {"text": _one_line(n)}) for n in self.inp.notes
-            ]
+            notes = [_one_line(note) for note in self.inp.notes]
+            lines = [format_fields(self.t.note_line, {"text": n}) for n in notes if n]
             return self._lines(self.t.notes_header, lines, limit), ()
         return self._lines(self.t.scene_header, self._scene_lines(), limit), ()
 
@@ -172,11 +173,13 @@ class _Builder:
         text = render(template, self.names)
         return text, self.counter.count_text(text + "\n")
 
-    def _prose(self, header_template: str, body: str | None, limit: int) -> str:
+    def _prose(
+        self, header_template: str, body: str | None, limit: int, *, words: bool = True
+    ) -> str:
         if not body or not body.strip():
             return ""
         header, cost = self._header(header_template)
-        cut = truncate(body.strip(), limit - cost, self.counter)
+        cut = truncate(body.strip(), limit - cost, self.counter, cut_words=words)
         return f"{header}\n{cut}" if cut else ""
 
     def _lines(self, header_template: str, lines: list[str], limit: int) -> str:
@@ -254,11 +257,11 @@ def _fit(
     return "", ()
 
 
-def truncate(text: str, max_tokens: int, counter: TokenCounter) -> str:
+def truncate(text: str, max_tokens: int, counter: TokenCounter, *, cut_words: bool = True) -> str:
     """The longest head of `text` within `max_tokens`, cut at a sentence boundary.
 
-    When not even the first sentence fits, cut at a word and end with "…"; when not
-    even a word fits, the empty string.
+    When not even the first sentence fits, cut at a word and end with "…" (with
+    `cut_words`); when nothing fits, the empty string.
     """
     if max_tokens <= 0:
         return ""
@@ -266,7 +269,7 @@ def truncate(text: str, max_tokens: int, counter: TokenCounter) -> str:
         return text
     sentence_cuts = sorted({m.end() for m in _SENTENCE_END.finditer(text)})
     head = _longest_head(text, sentence_cuts, max_tokens, counter, suffix="")
-    if head:
+    if head or not cut_words:
         return head
     word_cuts = [m.start() for m in re.finditer(r"\s+", text)]
     return _longest_head(text, word_cuts, max_tokens, counter, suffix="…")

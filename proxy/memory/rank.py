@@ -8,14 +8,15 @@ duplicates and returns the best first.
 from __future__ import annotations
 
 import math
-import re
+import string
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from proxy.inject.block import Recalled
 
 _SECONDS_PER_DAY = 86_400.0
-_NOT_WORD = re.compile(r"[\W_]+")
+# ASCII punctuation and the typographic marks chat text is full of.
+_PUNCTUATION = str.maketrans(dict.fromkeys(string.punctuation + "“”‘’«»„—–…¡¿·", " "))
 
 
 @dataclass(frozen=True)
@@ -77,69 +78,94 @@ def rank(
     spacing, or one contained in the other) merge into the better-scored one, which
     takes the newer date and the union of their sources.
     """
-    scored: list[tuple[bool, float, float, int, Candidate, tuple[float, float, float, float]]]
-    scored = []
-    decay = (
-        math.log(0.5) / (weights.recency_half_life_days * _SECONDS_PER_DAY)
-        if weights.recency_half_life_days > 0
-        else None
-    )
-    half_rank = max(weights.keyword_half_rank, 1e-9)
-    for c in candidates:
+    scorer = _Scorer(now, weights)
+    # Sort keys first so that plain tuple comparison orders them: pinned first, then
+    # by score, ties to the newer memory, then the lower id (deterministic).
+    scored: list[tuple[bool, float, float, int, int, float]] = []
+    candidates = list(candidates)
+    for index, c in enumerate(candidates):
         if c.source_ids and exclude_sources.issuperset(c.source_ids):
             continue
-        similarity = min(1.0, max(0.0, c.vector_sim)) if c.vector_sim is not None else 0.0
-        keyword = half_rank / (half_rank + max(0, c.bm25_rank)) if c.bm25_rank is not None else 0.0
-        recency = math.exp(decay * max(0.0, now - c.at)) if decay is not None else 0.0
-        importance = min(1.0, max(0.0, c.importance))
-        score = (
-            weights.similarity * similarity
-            + weights.keyword * keyword
-            + weights.recency * recency
-            + weights.importance * importance
-        )
+        score = scorer.score(c)
         if score < weights.min_score and not c.pinned:
             continue
-        scored.append(
-            (c.pinned, score, c.at, c.memory_id, c, (similarity, keyword, recency, importance))
-        )
-
-    # Best first; ties go to the newer memory, then the lower id (deterministic).
-    scored.sort(key=lambda s: (not s[0], -s[1], -s[2], s[3]))
+        scored.append((not c.pinned, -score, -c.at, c.memory_id, index, score))
+    scored.sort()
 
     chosen: list[_Chosen] = []
-    for pinned, score, _, _, c, parts in scored:
+    for _, _, _, _, index, score in scored:
+        c = candidates[index]
         key = _normalise(c.text)
         twin = next((ch for ch in chosen if _same(key, ch.key)), None)
         if twin is not None:
             twin.absorb(c)
             continue
         if len(chosen) >= limit:
-            # Later candidates could still be duplicates of chosen ones (and lend them a
-            # newer date), but they would not change what is shown; stop here.
+            # Lower-ranked duplicates of chosen ones could still lend them a newer date;
+            # looking for them would cost a normalisation per remaining candidate.
             break
-        chosen.append(_Chosen(key, c, score, pinned, parts))
+        chosen.append(_Chosen(key, c, score, scorer.components(c)))
     return [ch.recalled() for ch in chosen]
+
+
+class _Scorer:
+    """The formula of `rank`, with the per-call constants computed once."""
+
+    def __init__(self, now: float, weights: Weights) -> None:
+        self.now = now
+        self.w = weights
+        days = weights.recency_half_life_days
+        self.decay = math.log(0.5) / (days * _SECONDS_PER_DAY) if days > 0 else None
+        self.half_rank = max(weights.keyword_half_rank, 1e-9)
+
+    def parts(self, c: Candidate) -> tuple[float, float, float, float]:
+        sim = c.vector_sim
+        similarity = 0.0 if sim is None or sim < 0.0 else 1.0 if sim > 1.0 else sim
+        bm25 = c.bm25_rank
+        keyword = (
+            0.0 if bm25 is None else self.half_rank / (self.half_rank + (bm25 if bm25 > 0 else 0))
+        )
+        age = self.now - c.at
+        recency = 0.0 if self.decay is None else math.exp(self.decay * age) if age > 0 else 1.0
+        imp = c.importance
+        importance = 0.0 if imp < 0.0 else 1.0 if imp > 1.0 else imp
+        return similarity, keyword, recency, importance
+
+    def score(self, c: Candidate) -> float:
+        similarity, keyword, recency, importance = self.parts(c)
+        w = self.w
+        return (
+            w.similarity * similarity
+            + w.keyword * keyword
+            + w.recency * recency
+            + w.importance * importance
+        )
+
+    def components(self, c: Candidate) -> dict[str, float]:
+        similarity, keyword, recency, importance = self.parts(c)
+        parts = {
+            "similarity": similarity,
+            "keyword": keyword,
+            "recency": recency,
+            "importance": importance,
+        }
+        if c.pinned:
+            parts["pinned"] = 1.0
+        return parts
 
 
 class _Chosen:
     """A chosen candidate, with what it absorbed from its duplicates."""
 
     def __init__(
-        self,
-        key: str,
-        candidate: Candidate,
-        score: float,
-        pinned: bool,
-        parts: tuple[float, float, float, float],
+        self, key: str, candidate: Candidate, score: float, components: dict[str, float]
     ) -> None:
         self.key = key
         self.candidate = candidate
         self.score = score
-        self.pinned = pinned
-        self.parts = parts
+        self.components = components
         self.at = candidate.at
-        self.sources = dict.fromkeys(candidate.source_ids)  # ordered set
+        self.sources = dict.fromkeys(candidate.source_ids)  # an ordered set
         self.merged = 0
 
     def absorb(self, other: Candidate) -> None:
@@ -149,15 +175,7 @@ class _Chosen:
 
     def recalled(self) -> Recalled:
         c = self.candidate
-        similarity, keyword, recency, importance = self.parts
-        components = {
-            "similarity": similarity,
-            "keyword": keyword,
-            "recency": recency,
-            "importance": importance,
-        }
-        if self.pinned:
-            components["pinned"] = 1.0
+        components = dict(self.components)
         if self.merged:
             components["merged"] = float(self.merged)
         return Recalled(
@@ -174,12 +192,13 @@ class _Chosen:
 
 
 def _normalise(text: str) -> str:
-    return " ".join(_NOT_WORD.sub(" ", text.casefold()).split())
+    """Lower case, punctuation to spaces, single spaces; padded for word containment."""
+    return f" {' '.join(text.casefold().translate(_PUNCTUATION).split())} "
 
 
 def _same(a: str, b: str) -> bool:
-    if not a or not b:
+    """Same text, or one contained in the other as whole words ("cat" is not in
+    "concatenate"). Keys come from `_normalise`, padded with spaces."""
+    if len(a) <= 2 or len(b) <= 2:  # an empty text duplicates only another empty one
         return a == b
-    # Whole words only: "cat" is not a duplicate of "concatenate".
-    a, b = f" {a} ", f" {b} "
     return a in b or b in a
