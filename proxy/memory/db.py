@@ -107,7 +107,7 @@ def open_connection(
                 timeout=busy_timeout_ms / 1000,
             )
     except driver.Error as exc:
-        raise _translate(exc, path) from exc
+        raise translate_error(exc, path) from exc
     try:
         _load_sqlite_vec(conn, path)
         _configure(conn, readonly=readonly, busy_timeout_ms=busy_timeout_ms)
@@ -116,7 +116,7 @@ def open_connection(
     except BaseException as exc:
         conn.close()
         if isinstance(exc, driver.Error):
-            raise _translate(exc, path) from exc
+            raise translate_error(exc, path) from exc
         raise
     return conn
 
@@ -167,7 +167,7 @@ def _configure(conn: Connection, *, readonly: bool, busy_timeout_ms: int) -> Non
     conn.execute("PRAGMA trusted_schema = ON")
 
 
-def _translate(exc: Exception, path: Path) -> StoreError:
+def translate_error(exc: Exception, path: Path | str) -> StoreError:
     """Turn a driver error met while opening into StoreLocked or StoreError."""
     if is_locked_error(exc):
         return StoreLocked(

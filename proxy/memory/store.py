@@ -44,6 +44,7 @@ from proxy.memory.db import (
     is_locked_error,
     open_connection,
     sqlite_driver,
+    translate_error,
 )
 from proxy.memory.migrations import migrate
 
@@ -210,6 +211,9 @@ class Store:
             conn = open_connection(self.path, busy_timeout_ms=self.busy_timeout_ms, check=True)
             try:
                 self.schema_version = migrate(conn, self.path)
+            except sqlite_driver().Error as exc:
+                conn.close()
+                raise translate_error(exc, self.path) from exc
             except BaseException:
                 conn.close()
                 raise

@@ -115,14 +115,14 @@ _VEC_TRIGGERS = (
 )
 
 
-def ensure_vec_table(conn: Connection, dim: int) -> None:
+def ensure_vec_table(conn: Connection, dim: int, *, chunk_size: int = CHUNK_SIZE) -> None:
     """Create the vec0 table for ``dim``-dimensional vectors and its triggers, if missing."""
     if _has_vec_table(conn):
         return
     bits = _padded(dim)
     conn.execute(
         "CREATE VIRTUAL TABLE memories_vec USING vec0("
-        f"scope_id integer partition key, embedding bit[{bits}], chunk_size={CHUNK_SIZE})"
+        f"scope_id integer partition key, embedding bit[{bits}], chunk_size={int(chunk_size)})"
     )
     # Invariant: a vec0 row exists iff the memory is active and has a vector.
     for statement in (
