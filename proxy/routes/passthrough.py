@@ -8,7 +8,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.errors import ProxyError
 from proxy.routes.http import ClientGone, read_body, request_headers, send_error
-from proxy.routes.relay import relay_bytes
+from proxy.routes.relay import relay_bytes, run_until_disconnect
 from proxy.routes.state import AppState
 from proxy.upstreams.client import upstream_headers
 from proxy.upstreams.registry import Route
@@ -27,13 +27,16 @@ class PassThrough:
             raw = await read_body(scope, receive, state.max_body_bytes)
             route, path, raw = pick_route(state, path, headers, raw)
             query = scope.get("query_string", b"").decode("latin-1")
-            response = await state.pool.send(
-                route.upstream,
-                scope["method"],
-                path,
-                headers=upstream_headers(route.upstream, headers),
-                content=raw or None,
-                params=query or None,
+            response = await run_until_disconnect(
+                receive,
+                state.pool.send(
+                    route.upstream,
+                    scope["method"],
+                    path,
+                    headers=upstream_headers(route.upstream, headers),
+                    content=raw or None,
+                    params=query or None,
+                ),
             )
         except ClientGone:
             return

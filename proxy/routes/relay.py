@@ -12,18 +12,20 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from starlette.types import Receive, Send
 
 from proxy.errors import ProxyError, UpstreamError, sse_error_event
-from proxy.routes.http import encode_headers
+from proxy.routes.http import ClientGone, encode_headers
 from proxy.upstreams.client import translate_error
 from proxy.upstreams.registry import Upstream
 from proxy.upstreams.sse import DONE, EventSplitter, InvalidSSE
 
 # Upstream response headers that describe the upstream connection, not the content.
+T = TypeVar("T")
+
 _HOP_HEADERS = frozenset(
     {
         "connection",
@@ -108,7 +110,10 @@ async def relay_sse(
             await _body(send, DONE)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    result.client_gone = await run_until_disconnect(receive, pump())
+    try:
+        await run_until_disconnect(receive, pump())
+    except ClientGone:
+        result.client_gone = True
     return result
 
 
@@ -137,7 +142,10 @@ async def relay_bytes(
             result.completed = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    result.client_gone = await run_until_disconnect(receive, pump())
+    try:
+        await run_until_disconnect(receive, pump())
+    except ClientGone:
+        result.client_gone = True
     return result
 
 
@@ -145,11 +153,12 @@ async def _body(send: Send, data: bytes) -> None:
     await send({"type": "http.response.body", "body": data, "more_body": True})
 
 
-async def run_until_disconnect(receive: Receive, work: Awaitable[None]) -> bool:
-    """Run `work` until it ends or the client disconnects; True if the client left.
+async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work` unless the client disconnects first: then cancel it, raise ClientGone.
 
-    A client that disconnects cancels `work` at once, wherever it is waiting (for
-    example on a slow upstream), instead of when the next send would fail.
+    The work is cancelled at once, wherever it is waiting (on a slow upstream, or for
+    an upstream's response headers), not when the next send to the client would fail.
+    A send that fails because the client is gone also raises ClientGone.
     """
     work_task = asyncio.ensure_future(work)
     watch_task = asyncio.ensure_future(_wait_for_disconnect(receive))
@@ -157,14 +166,13 @@ async def run_until_disconnect(receive: Receive, work: Awaitable[None]) -> bool:
         done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
         if work_task in done:
             try:
-                work_task.result()
-            except OSError:
-                return True  # the server could not write to the client: it is gone
-            return False
+                return work_task.result()
+            except OSError as exc:  # the server could not write to the client
+                raise ClientGone() from exc
         work_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await work_task
-        return True
+        raise ClientGone()
     finally:
         watch_task.cancel()
         work_task.cancel()

@@ -1,0 +1,188 @@
+"""The transparent proxy: what goes in comes out, streaming as it arrives."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from tests.conftest import MakeClient, MakeProxy
+from tests.fakes.upstream import FakeUpstream, Reply
+
+ST_BODY = {
+    "messages": [
+        {
+            "role": "system",
+            "content": "Write Mira's next reply in a fictional chat between Mira and Tom.",
+        },
+        {"role": "assistant", "content": "*Mira looks up from her book.* Oh, hello there."},
+        {"role": "user", "content": "Hi Mira, what are you reading?"},
+    ],
+    "model": "fake-model",
+    "temperature": 1,
+    "max_tokens": 300,
+    "stream": False,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "top_p": 1,
+    "logit_bias": {},
+}
+
+
+def test_non_streaming_reply_and_body_forwarded_byte_for_byte(
+    upstream: FakeUpstream, make_proxy: MakeProxy
+) -> None:
+    proxy = make_proxy({"local": upstream})
+    raw = json.dumps({**ST_BODY, "an_unknown_field": {"kept": [1, 2]}}).encode()
+    response = httpx.post(
+        f"{proxy.url}/v1/chat/completions",
+        content=raw,
+        headers={"Content-Type": "application/json", "Authorization": "Bearer undefined"},
+    )
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "Hello from the fake upstream."
+    assert upstream.chat_requests[-1].body == raw
+
+
+def test_openai_client_streaming_with_usage(
+    upstream: FakeUpstream, make_proxy: MakeProxy, make_client: MakeClient
+) -> None:
+    upstream.enqueue(Reply(text="One two three four.", extra_chunk_fields={"timings": {"n": 1}}))
+    proxy = make_proxy({"local": upstream})
+    client = make_client(proxy)
+    stream = client.chat.completions.create(
+        model="fake-model",
+        messages=[{"role": "user", "content": "count"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "One two three four."
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[0].model_extra.get("timings") == {"n": 1}  # unknown chunk fields kept
+
+
+def test_stream_ends_with_done_and_keeps_every_event(
+    upstream: FakeUpstream, make_proxy: MakeProxy
+) -> None:
+    proxy = make_proxy({"local": upstream})
+    body = {**ST_BODY, "stream": True}
+    direct = httpx.post(f"{upstream.base_url}/chat/completions", json=body).text
+    relayed = httpx.post(f"{proxy.url}/v1/chat/completions", json=body).text
+    assert relayed.endswith("data: [DONE]\n\n")
+    strip = [json.loads(e[6:])["choices"] for e in direct.split("\n\n") if e.startswith("data: {")]
+    got = [json.loads(e[6:])["choices"] for e in relayed.split("\n\n") if e.startswith("data: {")]
+    assert got == strip
+
+
+def test_first_chunk_arrives_before_upstream_finishes(
+    upstream: FakeUpstream, make_proxy: MakeProxy
+) -> None:
+    upstream.enqueue(Reply(chunks=["a", "b", "c", "d", "e"], delay_between=0.3))
+    proxy = make_proxy({"local": upstream})
+    started = time.monotonic()
+    first = None
+    with httpx.stream(
+        "POST", f"{proxy.url}/v1/chat/completions", json={**ST_BODY, "stream": True}
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and first is None:
+                first = time.monotonic() - started
+    total = time.monotonic() - started
+    assert first is not None and first < 0.5
+    assert total >= 1.2  # the upstream took 4 x 0.3 s: the first chunk came long before
+
+
+def test_models_merged_with_routing_prefix(make_proxy: MakeProxy, make_client: MakeClient) -> None:
+    with FakeUpstream(models=["llama3"]) as local, FakeUpstream(models=["gpt-x"]) as remote:
+        proxy = make_proxy({"local": local, "remote": remote}, server={"default_upstream": "local"})
+        client = make_client(proxy)
+        ids = {m.id for m in client.models.list()}
+        assert ids == {"llama3", "remote/gpt-x"}
+        reply = client.chat.completions.create(
+            model="remote/gpt-x", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.choices[0].message.content
+        assert remote.last["model"] == "gpt-x"  # prefix removed before forwarding
+        assert local.chat_requests == []
+
+
+def test_explicit_routes_and_model_lists_pick_the_upstream(
+    make_proxy: MakeProxy, make_client: MakeClient
+) -> None:
+    with FakeUpstream() as a, FakeUpstream() as b:
+        proxy = make_proxy(
+            {"a": a, "b": {"base_url": b, "models": ["listed"]}},
+            routes={"gpt-4*": "a"},
+            server={"default_upstream": "a"},
+        )
+        client = make_client(proxy)
+        for model in ("gpt-4o", "listed", "anything-else"):
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+        assert [r.json["model"] for r in a.chat_requests] == ["gpt-4o", "anything-else"]
+        assert [r.json["model"] for r in b.chat_requests] == ["listed"]
+
+
+def test_other_v1_endpoints_pass_through(
+    upstream: FakeUpstream, make_proxy: MakeProxy, make_client: MakeClient
+) -> None:
+    proxy = make_proxy({"local": upstream})
+    client = make_client(proxy)
+    vectors = client.embeddings.create(model="fake-model", input=["a", "b"])
+    assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == upstream.embedding_dim
+    completion = client.completions.create(model="fake-model", prompt="Once upon")
+    assert completion.choices[0].text
+    streamed = list(client.completions.create(model="fake-model", prompt="x", stream=True))
+    assert streamed
+    assert client.models.retrieve("fake-model").id == "fake-model"
+
+
+def test_scope_path_routes_like_the_plain_path(
+    upstream: FakeUpstream, make_proxy: MakeProxy, make_client: MakeClient
+) -> None:
+    proxy = make_proxy({"local": upstream})
+    client = make_client(proxy, scope="my-chat")
+    reply = client.chat.completions.create(model="fake-model", messages=ST_BODY["messages"])
+    assert reply.choices[0].message.content
+    assert {m.id for m in client.models.list()} == {"fake-model"}
+    assert upstream.chat_requests[-1].path == "/v1/chat/completions"
+
+
+def test_healthz_and_readyz(upstream: FakeUpstream, make_proxy: MakeProxy) -> None:
+    proxy = make_proxy({"local": upstream})
+    assert httpx.get(f"{proxy.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{proxy.url}/readyz").status_code == 200
+    down = make_proxy({"local": upstream, "gone": "http://127.0.0.1:9/v1"})
+    report = httpx.get(f"{down.url}/readyz")
+    assert report.status_code == 503
+    assert report.json()["upstreams"]["gone"]["ok"] is False
+    assert report.json()["upstreams"]["local"]["ok"] is True
+
+
+def test_metrics_count_requests(upstream: FakeUpstream, make_proxy: MakeProxy) -> None:
+    proxy = make_proxy({"local": upstream})
+    httpx.post(f"{proxy.url}/v1/chat/completions", json=ST_BODY)
+    httpx.post(f"{proxy.url}/v1/chat/completions", content=b"{")
+    text = httpx.get(f"{proxy.url}/metrics").text
+    assert 'mnemoproxy_requests_total{route="/v1/chat/completions",status="200"} 1' in text
+    assert 'mnemoproxy_requests_total{route="/v1/chat/completions",status="400"} 1' in text
+    assert "mnemoproxy_upstream_seconds_count" in text
+
+
+def test_n_greater_than_one_and_tool_calls_pass_through(
+    upstream: FakeUpstream, make_proxy: MakeProxy, make_client: MakeClient
+) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    upstream.enqueue(Reply(tool_calls=[call]))
+    proxy = make_proxy({"local": upstream})
+    client = make_client(proxy)
+    reply = client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "call f"}], stream=False
+    )
+    assert reply.choices[0].message.tool_calls[0].function.name == "f"
+    many = client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}], n=3
+    )
+    assert len(many.choices) == 3
