@@ -136,17 +136,15 @@ def m001_initial(conn: Connection) -> None:
             INSERT INTO memories_fts (memories_fts, rowid, scope, text)
             VALUES ('delete', old.id, 's' || old.scope_id, old.text);
         END;
-        CREATE TRIGGER memories_fts_update_old AFTER UPDATE OF state, text, scope_id ON memories
-        WHEN old.state = 'active'
+        -- One trigger, so that the old row always leaves the index before the new
+        -- one enters (separate triggers fire in an order SQLite does not promise).
+        CREATE TRIGGER memories_fts_update AFTER UPDATE OF state, text, scope_id ON memories
+        WHEN old.state = 'active' OR new.state = 'active'
         BEGIN
             INSERT INTO memories_fts (memories_fts, rowid, scope, text)
-            VALUES ('delete', old.id, 's' || old.scope_id, old.text);
-        END;
-        CREATE TRIGGER memories_fts_update_new AFTER UPDATE OF state, text, scope_id ON memories
-        WHEN new.state = 'active'
-        BEGIN
+            SELECT 'delete', old.id, 's' || old.scope_id, old.text WHERE old.state = 'active';
             INSERT INTO memories_fts (rowid, scope, text)
-            VALUES (new.id, 's' || new.scope_id, new.text);
+            SELECT new.id, 's' || new.scope_id, new.text WHERE new.state = 'active';
         END;
 
         CREATE TABLE summaries (
