@@ -111,7 +111,7 @@ def test_reads_run_while_writes_are_going_on(tmp_path: Path) -> None:
 
 def test_a_big_write_never_blocks_the_event_loop(tmp_path: Path) -> None:
     def big_batch(conn: Connection, scope_id: int) -> None:
-        for start in range(0, 20_000, 1000):
+        for start in range(0, 6000, 1000):
             rows = [
                 NewMemory(scope_id, "turn", f"memory number {i} about the sea", float(i))
                 for i in range(start, start + 1000)
@@ -141,9 +141,12 @@ def test_a_big_write_never_blocks_the_event_loop(tmp_path: Path) -> None:
             return elapsed, max(gaps), len(during)
 
     elapsed, worst_gap, ticks_during = asyncio.run(scenario())
+    print(f"write {elapsed:.3f}s, worst loop gap {worst_gap:.3f}s, {ticks_during} ticks")
     assert elapsed > 0.1  # the batch was big enough to matter
     assert ticks_during >= 5
-    assert worst_gap < 0.25, f"the event loop stalled for {worst_gap:.3f}s"
+    # A blocked loop would show one gap as long as the whole write; a busy shared
+    # machine may still delay a tick now and then.
+    assert worst_gap < max(0.1, elapsed / 4), f"the event loop stalled for {worst_gap:.3f}s"
 
 
 def test_a_cancelled_caller_does_not_cancel_its_write(tmp_path: Path) -> None:

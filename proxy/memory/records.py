@@ -361,7 +361,7 @@ def undo_messages(conn: Connection, scope_id: int, ids: Iterable[int], now: floa
             f" WHERE scope_id = ? AND state != 'undone' AND id IN ({placeholders(chunk)})",
             (now, scope_id, *chunk),
         )
-        candidates = [
+        candidates = sorted(
             r[0]
             for r in conn.execute(
                 f"SELECT DISTINCT s.memory_id FROM memory_sources s"
@@ -370,7 +370,7 @@ def undo_messages(conn: Connection, scope_id: int, ids: Iterable[int], now: floa
                 f" AND m.scope_id = ? AND m.state = 'active'",
                 (*chunk, scope_id),
             )
-        ]
+        )
         for sub in chunked(candidates):
             rows = conn.execute(
                 f"SELECT m.id FROM memories m WHERE m.id IN ({placeholders(sub)})"

@@ -100,12 +100,13 @@ class Store:
 
     async def close(self) -> None:
         """Finish every queued read and write, close all connections, join the threads."""
-        threads = self._stop()
-        await asyncio.to_thread(_join, threads)
+        if self._stop():
+            await asyncio.to_thread(self._shutdown)
 
     def close_sync(self) -> None:
         """``close`` for callers without an event loop."""
-        _join(self._stop())
+        if self._stop():
+            self._shutdown()
 
     async def __aenter__(self) -> Store:
         await self.start()
@@ -193,18 +194,23 @@ class Store:
             tasks.put((fn, args, kwargs, future))
         return future
 
-    def _stop(self) -> list[threading.Thread]:
+    def _stop(self) -> bool:
+        """Refuse new work; True if this call must shut the threads down."""
         with self._lock:
-            if self._state != "open":
-                self._state = "closed"
-                return []
+            was_open = self._state == "open"
             self._state = "closed"
-            # FIFO queues: everything submitted before this runs first.
-            for _ in range(self.readers):
-                self._reads.put(_STOP)
-            self._writes.put(_STOP)
-            threads, self._threads = self._threads, []
-        return threads
+            return was_open
+
+    def _shutdown(self) -> None:
+        # FIFO queues: everything submitted before the sentinels runs first. Readers
+        # close before the writer so that the writer's connection is the last one:
+        # closing it checkpoints the WAL into the database file and removes it.
+        writer, *readers = self._threads
+        for _ in readers:
+            self._reads.put(_STOP)
+        _join(readers)
+        self._writes.put(_STOP)
+        _join([writer])
 
     def _write_loop(self, opened: concurrent.futures.Future[None]) -> None:
         try:
