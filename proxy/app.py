@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import httpx
+import platformdirs
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -14,16 +19,28 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.errors import ProxyError, error_envelope
+from proxy.inject.tokens import prepare_tiktoken_cache
+from proxy.memory.embed import (
+    CachedEmbedder,
+    Embedder,
+    LocalEmbedder,
+    OnnxEmbedder,
+    UpstreamEmbedder,
+)
+from proxy.memory.store import Store
+from proxy.memory.worker import Activity, Worker
 from proxy.metrics import Metrics
 from proxy.routes import health, models
 from proxy.routes.auth import Auth
 from proxy.routes.chat import ChatCompletions
 from proxy.routes.passthrough import PassThrough
-from proxy.routes.plan import NoMemory
+from proxy.routes.plan import Memory, NoMemory
+from proxy.routes.remember import Remember
 from proxy.routes.state import AppState
 from proxy.settings import Settings
 from proxy.upstreams.client import UpstreamPool
 from proxy.upstreams.registry import Router, Upstream
+from proxy.upstreams.windows import ContextWindows
 
 log = logging.getLogger("mnemoproxy")
 
@@ -70,22 +87,25 @@ def build_app(settings: Settings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pool = UpstreamPool(router.upstreams)
-        app.state.proxy = AppState(
-            router=router,
-            pool=pool,
-            auth=Auth(
-                [k.get_secret_value() for k in settings.auth.keys],
-                [k.get_secret_value() for k in settings.auth.admin_keys],
-            ),
-            memory=NoMemory(),
-            metrics=Metrics(),
-            max_body_bytes=settings.server.max_body_bytes,
-        )
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            pool = UpstreamPool(router.upstreams)
+            stack.push_async_callback(pool.aclose)
+            metrics = Metrics()
+            memory: Memory = NoMemory()
+            if settings.memory.enabled:
+                memory = await open_memory(settings, router, pool, metrics, stack)
+            app.state.proxy = AppState(
+                router=router,
+                pool=pool,
+                auth=Auth(
+                    [k.get_secret_value() for k in settings.auth.keys],
+                    [k.get_secret_value() for k in settings.auth.admin_keys],
+                ),
+                memory=memory,
+                metrics=metrics,
+                max_body_bytes=settings.server.max_body_bytes,
+            )
             yield
-        finally:
-            await pool.aclose()
 
     routes: list[BaseRoute] = [
         Route("/healthz", health.healthz, methods=["GET"]),
@@ -105,6 +125,89 @@ def build_app(settings: Settings) -> Starlette:
     )
     app.add_middleware(CountRequests)
     return app
+
+
+def database_path(settings: Settings) -> Path:
+    """The memory database file: configured, else in the user's data directory."""
+    if settings.memory.database:
+        return Path(settings.memory.database).expanduser()
+    return Path(platformdirs.user_data_dir("mnemoproxy", appauthor=False)) / "memory.db"
+
+
+def build_embedder(settings: Settings, router: Router) -> Embedder:
+    """The embedder that `[embeddings]` asks for (not started)."""
+    cfg = settings.embeddings
+    model = cfg.model or None
+    if cfg.backend == "onnx":
+        return OnnxEmbedder(model, threads=cfg.threads)
+    if cfg.backend == "upstream":
+        upstream = router.upstreams[cfg.upstream]
+        client = httpx.AsyncClient(timeout=upstream.read_timeout, trust_env=False)
+        return UpstreamEmbedder(
+            upstream.base_url,
+            upstream.api_key,
+            cfg.model or "text-embedding-3-small",
+            client,
+            batch_size=cfg.batch_size,
+        )
+    return LocalEmbedder(model, threads=cfg.threads)
+
+
+async def open_memory(
+    settings: Settings,
+    router: Router,
+    pool: UpstreamPool,
+    metrics: Metrics,
+    stack: contextlib.AsyncExitStack,
+) -> Remember:
+    """Open the store, start loading the embedding model and start the worker.
+
+    The model loads in the background so that the proxy answers at once; until it is
+    ready, recall uses keyword search only and says so (`X-Memory-Error: warming up`).
+    """
+    prepare_tiktoken_cache(
+        Path(platformdirs.user_cache_dir("mnemoproxy", appauthor=False)) / "tiktoken"
+    )
+    store = Store(database_path(settings), readers=settings.memory.readers)
+    await store.start()
+    stack.push_async_callback(store.close)
+    embedder = CachedEmbedder(build_embedder(settings, router), settings.embeddings.cache_size)
+    activity = Activity()
+    worker = Worker(store, embedder, activity)
+    await worker.start()
+    stack.push_async_callback(worker.stop)
+    remember = Remember(
+        settings=settings,
+        store=store,
+        embedder=embedder,
+        windows=ContextWindows(pool, settings.memory.default_context_window),
+        templates=settings.template_texts(),
+        worker=worker,
+        activity=activity,
+        metrics=metrics,
+    )
+
+    async def load_model() -> None:
+        try:
+            await embedder.start()
+        except Exception as exc:
+            remember.embedder_error = f"embedding model unavailable: {exc}"
+            log.error("%s; recall falls back to keyword search", remember.embedder_error)
+            return
+        log.info("embedding model %s ready", embedder.model_id)
+        worker.embedder_ready()
+
+    loading = asyncio.create_task(load_model(), name="mnemoproxy-embedder")
+
+    async def stop_loading() -> None:
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+        await embedder.close()
+
+    stack.push_async_callback(stop_loading)
+    metrics.gauges["memory_store_pending_writes"] = lambda: store.pending_writes
+    return remember
 
 
 async def _proxy_error(request: Request, exc: Exception) -> JSONResponse:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from proxy.inject.templates import DEFAULT_TEMPLATES, Templates
 
 CONFIG_ENV = "MNEMOPROXY_CONFIG"
 
@@ -226,6 +229,22 @@ class RequestLogSettings(_Section):
     keep_per_scope: int = Field(default=500, ge=0, description="Keep at most this many per scope.")
 
 
+def _template_settings() -> type[BaseModel]:
+    """A settings section with one string per template, defaulting to the built-in text."""
+    defaults = asdict(DEFAULT_TEMPLATES)
+    model = create_model(
+        "TemplateSettings",
+        __base__=_Section,
+        __doc__="Everything the proxy writes for the model. {{char}} and {{user}} are the "
+        "character's and the user's names.",
+        **{f.name: (str, Field(default=defaults[f.name])) for f in fields(Templates)},
+    )
+    return model
+
+
+TemplateSettings = _template_settings()
+
+
 class Settings(BaseSettings):
     """All of mnemoproxy's settings. Sections mirror config.toml."""
 
@@ -250,6 +269,11 @@ class Settings(BaseSettings):
     recall: RecallSettings = RecallSettings()
     embeddings: EmbeddingSettings = EmbeddingSettings()
     request_log: RequestLogSettings = RequestLogSettings()
+    templates: TemplateSettings = TemplateSettings()  # type: ignore[valid-type]
+
+    def template_texts(self) -> Templates:
+        """The configured templates as the inject layer takes them."""
+        return Templates(**self.templates.model_dump())
 
     def upstream_names(self) -> list[str]:
         """Names of the configured upstreams, in config order."""

@@ -1,0 +1,212 @@
+"""Writing one chat turn into the store: step 9 of a request, in one short transaction.
+
+The request is aligned again here, on the writer thread, against the transcript as it
+is now (another request of the same scope may have landed since this one was
+prepared). Then, atomically: undone messages are retracted with the memories that
+came only from them, new messages and the reply are appended, each becomes one or more
+`turn` memories, an `embed` job is queued for the worker, the style sample is captured
+if the scope has none, and the request log entry is written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.memory import jobs, records, scope_state
+from proxy.memory.db import Connection
+from proxy.memory.transcript import StoredMessage, align, message_fingerprint
+from proxy.messages import message_text
+
+EMBED_JOB = "embed"
+CHUNK_CHARS = 800  # ~200 tokens: all-MiniLM-L6-v2 reads at most 256
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What one chat request adds to its scope."""
+
+    scope_id: int
+    messages: Sequence[dict[str, Any]]  # as the app sent them
+    reply: dict[str, Any] | None  # the assistant's message; None: nothing to store
+    partial: bool  # the reply was cut short (client gone, upstream failed)
+    char: str | None
+    user: str | None
+    now: float
+    request_id: str
+    max_blind_undo: int = 4
+    capture_style: bool = True
+    log: dict[str, Any] | None = None  # request log entry; None: no log
+    remember: bool = True  # False: log only (X-Memory-Write: off, utility calls)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a turn changed, for caches and the request log."""
+
+    kind: str = "none"
+    appended: tuple[int, ...] = ()
+    undone: tuple[int, ...] = ()
+    retracted: tuple[int, ...] = ()
+    memories: tuple[int, ...] = ()
+    transcript: tuple[StoredMessage, ...] | None = field(default=None, repr=False)
+
+
+def record_turn(conn: Connection, turn: Turn) -> Recorded:
+    """Apply `turn` (run it with `Store.write`)."""
+    result = Recorded()
+    if turn.remember:
+        result = _remember(conn, turn)
+    if turn.log is not None:
+        detail = {**turn.log, "recorded": _summary(result)}
+        jobs.log_request(conn, turn.request_id, turn.scope_id, detail, turn.now)
+    records.touch_scope(conn, turn.scope_id, turn.now)
+    return result
+
+
+def _remember(conn: Connection, turn: Turn) -> Recorded:
+    stored = [StoredMessage(*entry) for entry in records.active_transcript(conn, turn.scope_id)]
+    alignment = align(list(turn.messages), stored, max_blind_undo=turn.max_blind_undo)
+    retracted = records.undo_messages(conn, turn.scope_id, alignment.undone, turn.now)
+    if alignment.undone:
+        _drop_undone_style(conn, turn.scope_id, set(alignment.undone))
+
+    reused_at = _reused_dates(conn, turn.scope_id, alignment.reuses)
+    rows: list[records.NewMessage] = []
+    for index in alignment.new:
+        message = turn.messages[index]
+        rows.append(_new_message(message, turn, reused_at.get(index, turn.now), "active"))
+    if turn.reply is not None and (message_text(turn.reply) or turn.reply.get("tool_calls")):
+        rows.append(
+            _new_message(turn.reply, turn, turn.now, "partial" if turn.partial else "active")
+        )
+    ids = records.append_messages(conn, turn.scope_id, rows, turn.request_id)
+
+    memories = [
+        records.NewMemory(
+            scope_id=turn.scope_id,
+            kind="turn",
+            text=chunk,
+            at=row.seen_at,
+            speaker=row.speaker,
+            role=row.role,
+            sources=(message_id,),
+        )
+        for message_id, row in zip(ids, rows, strict=True)
+        if row.role in ("user", "assistant")
+        for chunk in split_text(row.content)
+    ]
+    memory_ids = records.insert_memories(conn, memories, turn.now)
+    if memory_ids:
+        jobs.enqueue(conn, EMBED_JOB, {"memory_ids": memory_ids}, turn.scope_id, turn.now)
+
+    if turn.capture_style:
+        _capture_style(conn, turn.scope_id, turn.now)
+
+    undone = set(alignment.undone)
+    transcript = tuple(m for m in stored if m.id not in undone) + tuple(
+        StoredMessage(message_id, row.role, row.fingerprint)
+        for message_id, row in zip(ids, rows, strict=True)
+    )
+    return Recorded(
+        kind=alignment.kind,
+        appended=tuple(ids),
+        undone=alignment.undone,
+        retracted=tuple(retracted),
+        memories=tuple(memory_ids),
+        transcript=transcript,
+    )
+
+
+def _new_message(
+    message: dict[str, Any], turn: Turn, seen_at: float, state: str
+) -> records.NewMessage:
+    role = message.get("role", "user")
+    speaker = message.get("name") if isinstance(message.get("name"), str) else None
+    if speaker is None:
+        speaker = turn.char if role == "assistant" else turn.user if role == "user" else None
+    return records.NewMessage(
+        role=role,
+        content=message_text(message),
+        fingerprint=message_fingerprint(message),
+        seen_at=seen_at,
+        raw=dict(message),
+        speaker=speaker,
+        state=state,
+    )
+
+
+def _reused_dates(
+    conn: Connection, scope_id: int, reuses: Sequence[tuple[int, int]]
+) -> dict[int, float]:
+    """A re-sent message keeps the date it was first seen (an edit above it re-sends it)."""
+    if not reuses:
+        return {}
+    rows = records.get_messages(
+        conn, scope_id, include_undone=True, ids=[stored_id for _, stored_id in reuses]
+    )
+    seen = {row.id: row.seen_at for row in rows}
+    return {index: seen[stored_id] for index, stored_id in reuses if stored_id in seen}
+
+
+def _capture_style(conn: Connection, scope_id: int, now: float) -> None:
+    """The first assistant message of the scope becomes its style sample (once)."""
+    if scope_state.get_style(conn, scope_id) is not None:
+        return
+    row = conn.execute(
+        "SELECT id, content FROM messages WHERE scope_id = ? AND role = 'assistant'"
+        " AND state = 'active' AND trim(content) != '' ORDER BY seq LIMIT 1",
+        (scope_id,),
+    ).fetchone()
+    if row:
+        scope_state.set_style(conn, scope_id, row[1], "auto", now, message_id=row[0])
+
+
+def _drop_undone_style(conn: Connection, scope_id: int, undone: set[int]) -> None:
+    """An automatic sample whose message was undone (a swiped first reply) goes too."""
+    style = scope_state.get_style(conn, scope_id)
+    if style is not None and style.source == "auto" and style.message_id in undone:
+        conn.execute("DELETE FROM style WHERE scope_id = ? AND source = 'auto'", (scope_id,))
+
+
+def _summary(result: Recorded) -> dict[str, Any]:
+    return {
+        "alignment": result.kind,
+        "appended": list(result.appended),
+        "undone": list(result.undone),
+        "retracted": list(result.retracted),
+    }
+
+
+_BREAKS = re.compile(r"\n\s*\n|(?<=[.!?…])\s+")
+
+
+def split_text(text: str, limit: int = CHUNK_CHARS) -> list[str]:
+    """Cut a long message into pieces of at most `limit` characters for embedding,
+    at paragraph or sentence ends where possible (each piece is one memory)."""
+    text = text.strip()
+    if not text:
+        return []
+    if len(text) <= limit:
+        return [text]
+    pieces: list[str] = []
+    current = ""
+    for part in _BREAKS.split(text):
+        while len(part) > limit:  # one sentence longer than a piece: cut at a space
+            cut = part.rfind(" ", 0, limit)
+            cut = cut if cut > limit // 2 else limit
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(part[:cut].strip())
+            part = part[cut:].strip()
+        if current and len(current) + 1 + len(part) > limit:
+            pieces.append(current)
+            current = part
+        else:
+            current = f"{current} {part}".strip() if current else part
+    if current:
+        pieces.append(current)
+    return [p for p in pieces if p]

@@ -1,0 +1,516 @@
+"""The memory layer of a chat request: steps 3-7 before forwarding, step 9 after.
+
+`Remember.prepare` resolves the scope, lines the request up with the stored transcript,
+trims the history to the model's budget, recalls what fell out (summary, style sample,
+pinned notes, retrieved memories) and places the memory block near the end of the
+prompt. It is fail-open: any failure of the memory layer leaves the request as it came,
+with `X-Memory-Error` saying why. The plan it returns records the turn once the reply
+is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import cachetools
+
+from proxy.errors import BadRequest, InvalidScopeName
+from proxy.inject.block import EMPTY_BLOCK, Block, BlockInput, Caps, Recalled, build_block
+from proxy.inject.budget import Trim, compute_budget, trim_history
+from proxy.inject.place import place_block
+from proxy.inject.templates import Templates
+from proxy.inject.tokens import TokenCounter, encoding_for_model
+from proxy.memory import records
+from proxy.memory.embed import CachedEmbedder
+from proxy.memory.rank import Weights, rank
+from proxy.memory.recall import ScopeContext, find_candidates, query_text, scope_context
+from proxy.memory.record import Recorded, Turn, record_turn
+from proxy.memory.scope import InvalidScope, ScopeRef, detect_names, resolve_scope
+from proxy.memory.store import Store
+from proxy.memory.transcript import Alignment, StoredMessage, align
+from proxy.memory.worker import Activity, Worker
+from proxy.metrics import Metrics
+from proxy.routes.auth import Identity
+from proxy.routes.plan import ChatPlan, UnchangedPlan
+from proxy.settings import Settings
+from proxy.upstreams.registry import Route
+from proxy.upstreams.sse import ReplyAccumulator
+from proxy.upstreams.windows import ContextWindows
+
+log = logging.getLogger("mnemoproxy.memory")
+
+WRITE_OFF = frozenset({"off", "false", "0", "no", "none"})
+
+
+class Remember:
+    """The memory layer as the chat route uses it (see `proxy.routes.plan.Memory`)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        embedder: CachedEmbedder,
+        windows: ContextWindows,
+        templates: Templates,
+        worker: Worker,
+        activity: Activity,
+        metrics: Metrics,
+    ):
+        self.settings = settings
+        self.store = store
+        self.embedder = embedder
+        self.windows = windows
+        self.templates = templates
+        self.worker = worker
+        self.activity = activity
+        self.metrics = metrics
+        caps = settings.caps
+        self.caps = Caps(
+            summary=caps.summary,
+            memories=caps.memories,
+            style=caps.style,
+            notes=caps.notes,
+            scene=caps.scene,
+            total=caps.total,
+        )
+        r = settings.recall
+        self.weights = Weights(
+            similarity=r.similarity,
+            keyword=r.keyword,
+            recency=r.recency,
+            importance=r.importance,
+            recency_half_life_days=r.half_life_days,
+            min_score=r.min_score,
+        )
+        self._counters: dict[str, TokenCounter] = {}
+        self._scopes: cachetools.LRUCache[tuple[str, str], records.ScopeRow] = cachetools.LRUCache(
+            4096
+        )
+        self._transcripts: cachetools.LRUCache[int, tuple[StoredMessage, ...]] = (
+            cachetools.LRUCache(256)
+        )
+        self._scope_locks: dict[int, asyncio.Lock] = {}
+        self.embedder_error: str | None = None  # set when the model failed to load
+
+    # -- the plan ------------------------------------------------------------------
+
+    async def prepare(
+        self,
+        *,
+        identity: Identity,
+        path_scope: str | None,
+        headers: Mapping[str, str],
+        body: dict[str, Any],
+        route: Route,
+    ) -> ChatPlan:
+        """Steps 3-7 of a request. Raises only for bad input (invalid scope, bad date)."""
+        try:
+            ref = resolve_scope(path_scope=path_scope, headers=headers, body=body)
+        except InvalidScope as exc:
+            raise InvalidScopeName(str(exc), param="scope") from exc
+        now = parse_now(headers.get("x-memory-now"))
+        remember = headers.get("x-memory-write", "").strip().lower() not in WRITE_OFF
+        if _is_utility_call(body["messages"]):
+            remember = False
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        with self.activity:
+            try:
+                plan = await self._prepare(identity, ref, body, route, now, remember, request_id)
+            except Exception as exc:  # fail-open: the request goes through unchanged
+                log.exception("memory step failed; forwarding the request unchanged")
+                self.metrics.add("memory_errors")
+                return UnchangedPlan(
+                    headers={
+                        "x-memory-scope": ref.name,
+                        "x-memory-request-id": request_id,
+                        "x-memory-error": _header_safe(f"{type(exc).__name__}: {exc}"),
+                    }
+                )
+        plan.timings["prepare_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        return plan
+
+    async def _prepare(
+        self,
+        identity: Identity,
+        ref: ScopeRef,
+        body: dict[str, Any],
+        route: Route,
+        now: float,
+        remember: bool,
+        request_id: str,
+    ) -> RememberPlan:
+        messages: list[dict[str, Any]] = body["messages"]
+        scope = await self._scope(identity.owner, ref, now)
+        headers = {"x-memory-scope": ref.name, "x-memory-request-id": request_id}
+        if scope.settings.get("enabled") is False:
+            return RememberPlan(self, None, headers, None, request_id, now, remember=False)
+        names = detect_names(messages)
+        scene = scope.settings.get("scene") or {}
+        char = scene.get("char_name") or names.char
+        user = scene.get("user_name") or names.user
+
+        transcript = await self._transcript(scope.id)
+        alignment = align(messages, transcript, max_blind_undo=self.settings.memory.max_blind_undo)
+
+        mem = self.settings.memory
+        window = await self.windows.get(route.upstream, route.model)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        budget = compute_budget(
+            window.tokens, max_tokens, mem.default_reply_tokens, mem.margin_tokens
+        )
+        counter = self._counter(route.model)
+        slack = int(budget.available * mem.trim_slack)
+        reserve = self.caps.total + counter.per_message
+        trim = trim_history(messages, counter, budget.available, reserve=reserve, slack=slack)
+
+        style_on = mem.style_sample and scope.settings.get("style") is not False
+        context_task = asyncio.ensure_future(
+            self.store.read(scope_context, scope.id, style=style_on)
+        )
+        query = query_text(messages)
+        errors: list[str] = []
+        recalled: list[Recalled] = []
+        try:
+            recalled = await self._recall(scope.id, query, alignment, trim, now, errors)
+        finally:
+            context = await context_task
+
+        block, trim = self._compose(
+            messages,
+            trim,
+            alignment,
+            context,
+            recalled,
+            char,
+            user,
+            scene,
+            counter,
+            budget.available,
+            slack,
+        )
+        sent = place_block(
+            trim.messages,
+            block.text,
+            depth=mem.block_depth,
+            merge_into_system=mem.merge_into_system,
+        )
+        original_tokens = counter.count_messages(messages)
+        sent_tokens = trim.tokens + (block.tokens + counter.per_message if block.text else 0)
+        headers.update(
+            {
+                "x-memory-trimmed": str(len(trim.dropped)),
+                "x-memory-injected": str(len(block.included)),
+                "x-memory-prompt-tokens": str(sent_tokens),
+                "x-memory-tokens-saved": str(max(0, original_tokens - sent_tokens)),
+            }
+        )
+        if errors:
+            headers["x-memory-error"] = _header_safe("; ".join(errors))
+        changed = bool(trim.dropped) or bool(block.text) or route.model != body.get("model")
+        out = {**body, "messages": sent, "model": route.model} if changed else None
+        self.metrics.add("tokens_in", original_tokens)
+        self.metrics.add("tokens_saved", max(0, original_tokens - sent_tokens))
+        self.metrics.add("memories_injected", len(block.included))
+        log_entry = self._log_entry(
+            route,
+            ref,
+            alignment,
+            window.tokens,
+            window.source,
+            budget.available,
+            trim,
+            block,
+            original_tokens,
+            sent_tokens,
+            sent,
+            errors,
+        )
+        return RememberPlan(
+            self,
+            scope.id,
+            headers,
+            out,
+            request_id,
+            now,
+            remember=remember,
+            messages=messages,
+            char=char,
+            user=user,
+            log=log_entry,
+        )
+
+    async def _recall(
+        self,
+        scope_id: int,
+        query: str,
+        alignment: Alignment,
+        trim: Trim,
+        now: float,
+        errors: list[str],
+    ) -> list[Recalled]:
+        """Ranked memories for the last user message, minus what the window still shows."""
+        rec = self.settings.recall
+        if rec.limit == 0 or not query.strip():
+            return []
+        vector = None
+        if self.embedder.ready:
+            vector = await self.embedder.embed_query(query)
+        else:  # keyword search still works meanwhile
+            errors.append(self.embedder_error or "warming up")
+        candidates = await self.store.read(find_candidates, scope_id, vector, query, rec.candidates)
+        in_window = {sid for index, sid in alignment.matched if index in set(trim.kept)}
+        exclude = in_window | set(alignment.undone)
+        return rank(
+            candidates, now=now, weights=self.weights, exclude_sources=exclude, limit=rec.limit
+        )
+
+    def _compose(
+        self,
+        messages: list[dict[str, Any]],
+        trim: Trim,
+        alignment: Alignment,
+        context: ScopeContext,
+        recalled: list[Recalled],
+        char: str | None,
+        user: str | None,
+        scene: Mapping[str, str],
+        counter: TokenCounter,
+        available: int,
+        slack: int,
+    ) -> tuple[Block, Trim]:
+        """Build the block, then give history back the room the block did not use."""
+        kept_ids = _kept_ids(alignment, trim)
+        style = context.style_text
+        if style and context.style_message_id in kept_ids:
+            style = None  # still in the window: the model sees the real thing
+        inp = BlockInput(
+            summary=context.summary,
+            memories=recalled,
+            style_sample=style,
+            notes=context.notes,
+            scene={k: v for k, v in scene.items() if k in ("character", "location", "user")},
+            char=char or "the character",
+            user=user or "the user",
+        )
+        block = build_block(inp, counter, self.templates, self.caps)
+        reserve = block.tokens + counter.per_message if block.text else 0
+        if not trim.dropped:
+            return block, trim
+        wider = trim_history(messages, counter, available, reserve=reserve, slack=slack)
+        if len(wider.dropped) >= len(trim.dropped):
+            return block, trim
+        # History got room back: memories it now shows again need not be injected.
+        shown = _kept_ids(alignment, wider)
+        still = [m for m in recalled if not (m.source_ids and shown.issuperset(m.source_ids))]
+        if len(still) != len(recalled) or (style and context.style_message_id in shown):
+            inp = BlockInput(
+                summary=inp.summary,
+                memories=still,
+                style_sample=None if context.style_message_id in shown else style,
+                notes=inp.notes,
+                scene=inp.scene,
+                char=inp.char,
+                user=inp.user,
+            )
+            block = build_block(inp, counter, self.templates, self.caps)
+        return block if block.text else EMPTY_BLOCK, wider
+
+    def _log_entry(
+        self,
+        route: Route,
+        ref: ScopeRef,
+        alignment: Alignment,
+        window: int,
+        window_source: str,
+        available: int,
+        trim: Trim,
+        block: Block,
+        original_tokens: int,
+        sent_tokens: int,
+        sent: list[dict[str, Any]],
+        errors: list[str],
+    ) -> dict[str, Any] | None:
+        cfg = self.settings.request_log
+        if not cfg.enabled:
+            return None
+        entry: dict[str, Any] = {
+            "model": route.model,
+            "upstream": route.upstream.name,
+            "scope": ref.name,
+            "scope_source": ref.source,
+            "alignment": alignment.kind,
+            "window": window,
+            "window_source": window_source,
+            "budget": available,
+            "tokens": {
+                "original": original_tokens,
+                "sent": sent_tokens,
+                "saved": max(0, original_tokens - sent_tokens),
+                "block": block.tokens,
+            },
+            "trimmed": list(trim.dropped),
+            "injected": [
+                {
+                    "memory_id": m.memory_id,
+                    "kind": m.kind,
+                    "score": round(m.score, 4),
+                    "components": {k: round(v, 4) for k, v in m.components.items()},
+                    "source_ids": list(m.source_ids),
+                    "text": m.text,
+                }
+                for m in block.included
+            ],
+            "sections": block.sections,
+            "errors": errors,
+        }
+        if cfg.store_messages:
+            entry["messages"] = sent
+        return entry
+
+    # -- caches --------------------------------------------------------------------
+
+    async def _scope(self, owner: str, ref: ScopeRef, now: float) -> records.ScopeRow:
+        key = (owner, ref.name)
+        row = self._scopes.get(key)
+        if row is None:
+            row = await self.store.write(
+                records.get_or_create_scope, owner, ref.name, ref.label, now
+            )
+            self._scopes[key] = row
+        return row
+
+    def forget_scope(self, owner: str | None = None, scope_id: int | None = None) -> None:
+        """Drop cached scope rows and transcripts (after the memory API changed them)."""
+        for key, row in list(self._scopes.items()):
+            if (scope_id is None or row.id == scope_id) and (owner is None or key[0] == owner):
+                del self._scopes[key]
+        if scope_id is None:
+            self._transcripts.clear()
+        else:
+            self._transcripts.pop(scope_id, None)
+
+    async def _transcript(self, scope_id: int) -> tuple[StoredMessage, ...]:
+        cached = self._transcripts.get(scope_id)
+        if cached is None:
+            entries = await self.store.read(records.active_transcript, scope_id)
+            cached = tuple(StoredMessage(*e) for e in entries)
+            self._transcripts[scope_id] = cached
+        return cached
+
+    def _counter(self, model: str | None) -> TokenCounter:
+        encoding = encoding_for_model(model or "")
+        counter = self._counters.get(encoding)
+        if counter is None:
+            counter = self._counters[encoding] = TokenCounter(encoding)
+        return counter
+
+    # -- recording -------------------------------------------------------------------
+
+    async def record(self, plan: RememberPlan, reply: ReplyAccumulator, partial: bool) -> None:
+        """Step 9: store the turn (and the request log). Never raises."""
+        if plan.scope_id is None or (not plan.remember and plan.log is None):
+            return
+        message = reply.message() if (reply.content or reply.tool_calls) else None
+        log_entry = plan.log
+        if log_entry is not None:
+            log_entry = {
+                **log_entry,
+                "reply": message,
+                "partial": partial,
+                "usage": reply.usage,
+                "timings": plan.timings,
+            }
+        turn = Turn(
+            scope_id=plan.scope_id,
+            messages=plan.messages,
+            reply=message,
+            partial=partial,
+            char=plan.char,
+            user=plan.user,
+            now=plan.now,
+            request_id=plan.request_id,
+            max_blind_undo=self.settings.memory.max_blind_undo,
+            capture_style=self.settings.memory.style_sample,
+            log=log_entry,
+            remember=plan.remember,
+        )
+        lock = self._scope_locks.setdefault(plan.scope_id, asyncio.Lock())
+        try:
+            async with lock:
+                result: Recorded = await self.store.write(record_turn, turn)
+                if result.transcript is not None:
+                    self._transcripts[plan.scope_id] = result.transcript
+        except Exception:
+            log.exception("could not store the turn of request %s", plan.request_id)
+            self.metrics.add("record_errors")
+            self._transcripts.pop(plan.scope_id, None)
+            return
+        if result.memories:
+            self.worker.wake()
+
+
+@dataclass
+class RememberPlan:
+    """A prepared chat request (see `proxy.routes.plan.ChatPlan`)."""
+
+    owner: Remember
+    scope_id: int | None
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+    request_id: str
+    now: float
+    remember: bool = True
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    char: str | None = None
+    user: str | None = None
+    log: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    async def record(self, reply: ReplyAccumulator, *, partial: bool) -> None:
+        """Store the turn once the reply is known. Never raises."""
+        await self.owner.record(self, reply, partial)
+
+
+def _kept_ids(alignment: Alignment, trim: Trim) -> set[int]:
+    kept = set(trim.kept)
+    return {sid for index, sid in alignment.matched if index in kept}
+
+
+def _is_utility_call(messages: list[dict[str, Any]]) -> bool:
+    """An app's own utility prompt (summarize, impersonate...) ends with a system
+    instruction rather than the user's message: read memory, write nothing."""
+    return bool(messages) and messages[-1].get("role") in ("system", "developer")
+
+
+def parse_now(value: str | None) -> float:
+    """The request's "now": `X-Memory-Now` (ISO 8601 or unix seconds), else the clock."""
+    if not value:
+        return time.time()
+    value = value.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BadRequest(
+            f"X-Memory-Now must be an ISO 8601 date or unix seconds, not {value!r}",
+            param="X-Memory-Now",
+        ) from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.astimezone()  # a naive date is the machine's local time
+    return parsed.timestamp()
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:300]
