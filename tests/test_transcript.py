@@ -55,12 +55,15 @@ def turns(count: int, tag: str = "") -> list[tuple[str, str]]:
 class Store:
     """The store's side of the contract, reduced to an active line of messages."""
 
-    rows: list[tuple[int, str, str, str]] = field(default_factory=list)  # id, role, fp, text
+    rows: list[tuple[int, str, str, str, int]] = field(
+        default_factory=list
+    )  # id, role, fp, text, thread
     retracted: list[str] = field(default_factory=list)
     next_id: int = 1
+    thread: int = 0  # the chat new messages go to
 
     def stored(self) -> list[StoredMessage]:
-        return [StoredMessage(id=r[0], role=r[1], fingerprint=r[2]) for r in self.rows]
+        return [StoredMessage(id=r[0], role=r[1], fingerprint=r[2], thread=r[4]) for r in self.rows]
 
     def texts(self) -> list[str]:
         return [r[3] for r in self.rows]
@@ -70,12 +73,15 @@ class Store:
 
     def add(self, message: dict[str, Any]) -> None:
         text = message.get("content") or ""
-        self.rows.append((self.next_id, message["role"], message_fingerprint(message), text))
+        fp = message_fingerprint(message)
+        self.rows.append((self.next_id, message["role"], fp, text, self.thread))
         self.next_id += 1
 
     def receive(self, messages: list[dict[str, Any]], reply: str | None = None) -> Alignment:
         """Align a request, apply it, then store the reply (as the route would)."""
         result = align(messages, self.stored())
+        # As the store does: continue the run's chat, or open a new one.
+        self.thread = result.thread if result.thread is not None else self.thread + 1
         gone = set(result.undone)
         self.retracted += [r[3] for r in self.rows if r[0] in gone]
         self.rows = [r for r in self.rows if r[0] not in gone]
@@ -354,6 +360,35 @@ def test_a_new_chat_with_the_same_first_exchange_continues_itself() -> None:
     assert result.undone == ()
     assert result.kind == "continuation"
     assert result.new == (7,)
+
+
+def test_going_back_to_an_older_chat_undoes_nothing_of_the_newer_one() -> None:
+    store = Store()
+    chat_a = chat_of(store, 4, tag="A")
+    chat_b_first = st_request([("user", "A new story, please.")])
+    store.receive(chat_b_first, reply="Once upon a time.")
+    chat_b = [("user", "A new story, please."), ("assistant", "Once upon a time.")]
+    store.receive(st_request([*chat_b, ("user", "Go on.")], turn=1), reply="There was a fox.")
+    newer = store.texts()[-4:]
+    # The user reopens chat A and writes in it: chat B stays as it was.
+    result = store.receive(st_request([*chat_a, ("user", "Back to the first tale.")], turn=4))
+    assert result.undone == ()
+    assert result.kind == "continuation"
+    assert store.texts()[-5:-1] == newer
+    # A swipe in chat A undoes chat A's last reply only.
+    store.receive(st_request([*chat_a, ("user", "Back to the first tale.")], turn=4), reply="Yes?")
+    result = store.receive(st_request([*chat_a, ("user", "Back to the first tale.")], turn=4))
+    assert result.kind == "regenerate"
+    assert store.retracted == ["Yes?"]
+    # And chat B continues where it was, undoing nothing of chat A.
+    chat_b += [("user", "Go on."), ("assistant", "There was a fox.")]
+    result = store.receive(st_request([*chat_b, ("user", "And then?")], turn=2))
+    assert result.kind == "continuation" and result.undone == ()
+    # Delete-below inside chat B undoes chat B's tail, not chat A's newer messages.
+    result = store.receive(st_request([*chat_b[:2], ("user", "Different turn.")], turn=1))
+    assert result.kind == "diverged"
+    assert store.retracted[-3:] == ["Go on.", "There was a fox.", "And then?"]
+    assert "Back to the first tale." in store.texts()
 
 
 def test_blind_undo_limit_is_a_parameter() -> None:

@@ -199,7 +199,19 @@ def m001_initial(conn: Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (m001_initial,)
+def m002_chat_threads(conn: Connection) -> None:
+    """Messages belong to a chat (`thread`) within their scope: one scope can hold several
+    chats with the same character, and undo must never reach from one into another."""
+    _execute_script(
+        conn,
+        """
+        ALTER TABLE messages ADD COLUMN thread INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX messages_by_thread ON messages (scope_id, thread, seq);
+        """,
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (m001_initial, m002_chat_threads)
 
 
 def _execute_script(conn: Connection, script: str) -> None:

@@ -82,7 +82,10 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         rows.append(
             _new_message(turn.reply, turn, turn.now, "partial" if turn.partial else "active")
         )
-    ids = records.append_messages(conn, turn.scope_id, rows, turn.request_id)
+    thread = alignment.thread
+    if thread is None:
+        thread = records.new_thread(conn, turn.scope_id)
+    ids = records.append_messages(conn, turn.scope_id, rows, turn.request_id, thread)
 
     memories = [
         records.NewMemory(
@@ -107,7 +110,7 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
 
     undone = set(alignment.undone)
     transcript = tuple(m for m in stored if m.id not in undone) + tuple(
-        StoredMessage(message_id, row.role, row.fingerprint)
+        StoredMessage(message_id, row.role, row.fingerprint, thread)
         for message_id, row in zip(ids, rows, strict=True)
     )
     return Recorded(

@@ -60,6 +60,7 @@ class TranscriptEntry(NamedTuple):
     id: int
     role: str
     fingerprint: str
+    thread: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +253,7 @@ def _message(row: tuple[Any, ...]) -> MessageRow:
 def active_transcript(conn: Connection, scope_id: int) -> list[TranscriptEntry]:
     """The scope's transcript as the proxy has it (active and partial), in order."""
     rows = conn.execute(
-        "SELECT id, role, fingerprint FROM messages"
+        "SELECT id, role, fingerprint, thread FROM messages"
         " WHERE scope_id = ? AND state != 'undone' ORDER BY seq",
         (scope_id,),
     ).fetchall()
@@ -260,9 +261,13 @@ def active_transcript(conn: Connection, scope_id: int) -> list[TranscriptEntry]:
 
 
 def append_messages(
-    conn: Connection, scope_id: int, rows: Sequence[NewMessage], request_id: str | None
+    conn: Connection,
+    scope_id: int,
+    rows: Sequence[NewMessage],
+    request_id: str | None,
+    thread: int = 0,
 ) -> list[int]:
-    """Append messages after the scope's last one; return their ids in order."""
+    """Append messages of chat `thread` after the scope's last one; return their ids."""
     last = conn.execute(
         "SELECT coalesce(max(seq), 0) FROM messages WHERE scope_id = ?", (scope_id,)
     ).fetchone()[0]
@@ -272,7 +277,7 @@ def append_messages(
             raise ValueError(f"a new message is 'active' or 'partial', not {msg.state!r}")
         cursor = conn.execute(
             "INSERT INTO messages (scope_id, seq, role, speaker, content, raw, fingerprint,"
-            " seen_at, state, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " seen_at, state, request_id, thread) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 scope_id,
                 last + offset,
@@ -284,10 +289,18 @@ def append_messages(
                 msg.seen_at,
                 msg.state,
                 request_id,
+                thread,
             ),
         )
         ids.append(cursor.lastrowid)
     return ids
+
+
+def new_thread(conn: Connection, scope_id: int) -> int:
+    """A chat number not yet used in the scope."""
+    return conn.execute(
+        "SELECT coalesce(max(thread), 0) + 1 FROM messages WHERE scope_id = ?", (scope_id,)
+    ).fetchone()[0]
 
 
 def get_messages(

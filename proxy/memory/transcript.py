@@ -35,11 +35,17 @@ KINDS = ("empty", "continuation", "head_trimmed", "regenerate", "diverged", "new
 
 @dataclass(frozen=True)
 class StoredMessage:
-    """One message of a scope's active transcript, as the store knows it."""
+    """One message of a scope's active transcript, as the store knows it.
+
+    `thread` is the chat the message belongs to: one scope may hold several chats
+    with the same character (the user starts a new chat, later goes back to an old
+    one), and undo never reaches across chats.
+    """
 
     id: int
     role: str
     fingerprint: str
+    thread: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Alignment:
     new: tuple[int, ...] = ()
     reuses: tuple[tuple[int, int], ...] = ()
     skipped: tuple[int, ...] = ()
+    thread: int | None = None  # the chat the new messages continue; None: a new chat
 
 
 def message_fingerprint(message: dict[str, Any]) -> str:
@@ -165,9 +172,10 @@ def align(
     for pos, message in enumerate(stored):
         if message.fingerprint in wanted:
             positions[message.fingerprint].append(pos)
+    chains = _Chains(stored)
 
     body = range(n_greet, len(conv))
-    run = _choose_run(fps, roles, body, stored, positions, max_blind_undo)
+    run = _choose_run(fps, roles, body, chains, positions, max_blind_undo)
     greeting = _match_greeting(
         fps[:n_greet], stored, positions, before=run.start if run else len(stored)
     )
@@ -182,14 +190,17 @@ def align(
         )
 
     matched = greet_matched + [
-        (conv[run.first + t], stored[run.start + t].id) for t in range(run.length)
+        (conv[run.first + t], stored[p].id) for t, p in enumerate(run.positions)
     ]
-    undone = tuple(m.id for m in stored[run.end + 1 :])
+    after = chains.after(run.end)
+    undone = tuple(stored[p].id for p in after)
     new = tuple(conv[j] for j in range(run.first + run.length, len(conv)))
     skipped = tuple(greet_unmatched + [conv[j] for j in range(n_greet, run.first)])
     if undone:
         kind = "diverged" if new else "regenerate"
-    elif _window_start(greeting, run) == 0 or _starts_a_chat(greeting, run):
+    elif _window_start(greeting, run, chains) == chains.first(run.thread) or _starts_a_chat(
+        greeting, run, chains
+    ):
         kind = "continuation"
     else:
         kind = "head_trimmed"
@@ -198,8 +209,9 @@ def align(
         matched=tuple(matched),
         undone=undone,
         new=new,
-        reuses=_reuses(new, conv, fps, stored[run.end + 1 :]),
+        reuses=_reuses(new, conv, fps, [stored[p] for p in after]),
         skipped=skipped,
+        thread=run.thread,
     )
 
 
@@ -209,24 +221,78 @@ def align(
 @dataclass(frozen=True)
 class _Run:
     first: int  # index into the conversation (conv) of the run's first message
-    start: int  # stored position of the run's first message
-    length: int
+    positions: tuple[int, ...]  # stored positions of the run, one chat, in order
+    thread: int
+
+    @property
+    def start(self) -> int:
+        return self.positions[0]
 
     @property
     def end(self) -> int:
-        return self.start + self.length - 1
+        return self.positions[-1]
+
+    @property
+    def length(self) -> int:
+        return len(self.positions)
+
+
+class _Chains:
+    """The stored transcript as chats: each position's neighbours within its thread."""
+
+    def __init__(self, stored: Sequence[StoredMessage]):
+        self.stored = stored
+        self.next: list[int | None] = [None] * len(stored)
+        self.prev: list[int | None] = [None] * len(stored)
+        self.count_after = [0] * len(stored)
+        self._first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for pos, message in enumerate(stored):
+            previous = last.get(message.thread)
+            if previous is not None:
+                self.next[previous] = pos
+                self.prev[pos] = previous
+            else:
+                self._first[message.thread] = pos
+            last[message.thread] = pos
+        seen: dict[int, int] = defaultdict(int)
+        for pos in range(len(stored) - 1, -1, -1):
+            thread = stored[pos].thread
+            self.count_after[pos] = seen[thread]
+            seen[thread] += 1
+
+    def first(self, thread: int) -> int:
+        """Position of the thread's first stored message."""
+        return self._first[thread]
+
+    def after(self, pos: int) -> list[int]:
+        """Positions after `pos` in its thread, in order."""
+        found = []
+        nxt = self.next[pos]
+        while nxt is not None:
+            found.append(nxt)
+            nxt = self.next[nxt]
+        return found
+
+    def before(self, pos: int, count: int) -> list[int]:
+        """Up to `count` positions before `pos` in its thread, in order."""
+        found: list[int] = []
+        prv = self.prev[pos]
+        while prv is not None and len(found) < count:
+            found.append(prv)
+            prv = self.prev[prv]
+        return found[::-1]
 
 
 def _choose_run(
     fps: list[str],
     roles: list[Any],
     body: range,
-    stored: Sequence[StoredMessage],
+    chains: _Chains,
     positions: dict[str, list[int]],
     max_blind_undo: int,
 ) -> _Run | None:
     """The anchoring run of the body, or None: see `align` for the rules."""
-    n = len(stored)
     for first in body:
         best: tuple[tuple[bool, int, int], _Run] | None = None
         longest = len(fps) - first
@@ -235,17 +301,16 @@ def _choose_run(
         for start in reversed(positions.get(fps[first], ())):
             if best is not None and best[1].length == longest:
                 break
-            length = _extend(fps, first, start, stored)
-            run = _Run(first, start, length)
+            run = _extend(fps, first, start, chains)
             sure = _is_sure(roles, run)
-            undo = n - 1 - run.end
+            undo = chains.count_after[run.end]
             # The head of the body may anchor on any safe run; a later message
             # only on a sure one, since everything before it will be skipped.
             if first > body.start and not sure:
                 continue
             if undo > max_blind_undo and not sure:
                 continue
-            rank = (undo == 0, length, start)
+            rank = (undo == 0, run.length, start)
             if best is None or rank > best[0]:
                 best = (rank, run)
         if best is not None:
@@ -253,12 +318,16 @@ def _choose_run(
     return None
 
 
-def _extend(fps: list[str], first: int, start: int, stored: Sequence[StoredMessage]) -> int:
-    length = 0
-    limit = min(len(fps) - first, len(stored) - start)
-    while length < limit and stored[start + length].fingerprint == fps[first + length]:
-        length += 1
-    return length
+def _extend(fps: list[str], first: int, start: int, chains: _Chains) -> _Run:
+    """The run from `start`, following the start's own chat (other chats interleave)."""
+    found = [start]
+    pos = chains.next[start]
+    j = first + 1
+    while pos is not None and j < len(fps) and chains.stored[pos].fingerprint == fps[j]:
+        found.append(pos)
+        pos = chains.next[pos]
+        j += 1
+    return _Run(first, tuple(found), chains.stored[start].thread)
 
 
 def _is_sure(roles: list[Any], run: _Run) -> bool:
@@ -272,20 +341,22 @@ def _is_sure(roles: list[Any], run: _Run) -> bool:
 # -- greeting and reuse ------------------------------------------------------------
 
 
-def _contiguous(greeting: list[int | None], run: _Run) -> bool:
-    # Leading assistant messages stored right before the run: the first messages of
-    # the window (an app cuts by tokens, not by turns), or a first chat's greeting.
-    return bool(greeting) and greeting == list(range(run.start - len(greeting), run.start))
+def _contiguous(greeting: list[int | None], run: _Run, chains: _Chains) -> bool:
+    # Leading assistant messages stored right before the run in its chat: the first
+    # messages of the window (an app cuts by tokens, not by turns), or the greeting.
+    return bool(greeting) and greeting == chains.before(run.start, len(greeting))
 
 
-def _window_start(greeting: list[int | None], run: _Run) -> int:
+def _window_start(greeting: list[int | None], run: _Run, chains: _Chains) -> int:
     """Stored position of the first message of the request's unbroken overlap."""
-    return run.start - len(greeting) if _contiguous(greeting, run) else run.start
+    if _contiguous(greeting, run, chains):
+        return chains.before(run.start, len(greeting))[0]
+    return run.start
 
 
-def _starts_a_chat(greeting: list[int | None], run: _Run) -> bool:
+def _starts_a_chat(greeting: list[int | None], run: _Run, chains: _Chains) -> bool:
     """Whether the request opens with its chat's greeting, stored apart from the run."""
-    return bool(greeting) and None not in greeting and not _contiguous(greeting, run)
+    return bool(greeting) and None not in greeting and not _contiguous(greeting, run, chains)
 
 
 def _greeting_length(messages: list[dict[str, Any]], conv: list[int]) -> int:
