@@ -85,25 +85,9 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
     thread = alignment.thread
     if thread is None:
         thread = records.new_thread(conn, turn.scope_id)
-    ids = records.append_messages(conn, turn.scope_id, rows, turn.request_id, thread)
-
-    memories = [
-        records.NewMemory(
-            scope_id=turn.scope_id,
-            kind="turn",
-            text=chunk,
-            at=row.seen_at,
-            speaker=row.speaker,
-            role=row.role,
-            sources=(message_id,),
-        )
-        for message_id, row in zip(ids, rows, strict=True)
-        if row.role in ("user", "assistant")
-        for chunk in split_text(row.content)
-    ]
-    memory_ids = records.insert_memories(conn, memories, turn.now)
-    if memory_ids:
-        jobs.enqueue(conn, EMBED_JOB, {"memory_ids": memory_ids}, turn.scope_id, turn.now)
+    ids, memory_ids = store_messages(
+        conn, turn.scope_id, rows, thread=thread, request_id=turn.request_id, now=turn.now
+    )
 
     if turn.capture_style:
         _capture_style(conn, turn.scope_id, turn.now)
@@ -123,13 +107,56 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
     )
 
 
-def _new_message(
-    message: dict[str, Any], turn: Turn, seen_at: float, state: str
+def store_messages(
+    conn: Connection,
+    scope_id: int,
+    rows: Sequence[records.NewMessage],
+    *,
+    thread: int,
+    request_id: str | None,
+    now: float,
+) -> tuple[list[int], list[int]]:
+    """Append messages to chat `thread`, make each a `turn` memory (cut into pieces
+    the embedding model can read whole) and queue their embedding.
+
+    The one write path of transcript messages: live turns and imports both use it.
+    Returns the message ids and the memory ids.
+    """
+    ids = records.append_messages(conn, scope_id, rows, request_id, thread)
+    memories = [
+        records.NewMemory(
+            scope_id=scope_id,
+            kind="turn",
+            text=chunk,
+            at=row.seen_at,
+            speaker=row.speaker,
+            role=row.role,
+            sources=(message_id,),
+        )
+        for message_id, row in zip(ids, rows, strict=True)
+        if row.role in ("user", "assistant")
+        for chunk in split_text(row.content)
+    ]
+    memory_ids = records.insert_memories(conn, memories, now)
+    if memory_ids:
+        jobs.enqueue(conn, EMBED_JOB, {"memory_ids": memory_ids}, scope_id, now)
+    return ids, memory_ids
+
+
+def new_message(
+    message: dict[str, Any],
+    *,
+    seen_at: float,
+    char: str | None = None,
+    user: str | None = None,
+    state: str = "active",
 ) -> records.NewMessage:
+    """A transcript row for a chat message; the speaker is its `name`, else the
+    character's or the user's name by role."""
     role = message.get("role", "user")
     speaker = message.get("name") if isinstance(message.get("name"), str) else None
     if speaker is None:
-        speaker = turn.char if role == "assistant" else turn.user if role == "user" else None
+        speaker = char if role == "assistant" else user if role == "user" else None
     return records.NewMessage(
         role=role,
         content=message_text(message),
@@ -139,6 +166,12 @@ def _new_message(
         speaker=speaker,
         state=state,
     )
+
+
+def _new_message(
+    message: dict[str, Any], turn: Turn, seen_at: float, state: str
+) -> records.NewMessage:
+    return new_message(message, seen_at=seen_at, char=turn.char, user=turn.user, state=state)
 
 
 def _reused_dates(
