@@ -39,6 +39,7 @@ from proxy.routes.remember import Remember
 from proxy.routes.state import AppState
 from proxy.settings import Settings
 from proxy.upstreams.client import UpstreamPool
+from proxy.upstreams.gate import UpstreamGate
 from proxy.upstreams.registry import Router, Upstream
 from proxy.upstreams.windows import ContextWindows
 
@@ -59,6 +60,7 @@ def router_from_settings(settings: Settings) -> Router:
             read_timeout=cfg.read_timeout,
             context_window=cfg.context_window,
             max_connections=cfg.max_connections,
+            slots=cfg.slots,
         )
         for name, cfg in settings.upstreams.items()
     ]
@@ -91,6 +93,7 @@ def build_app(settings: Settings) -> Starlette:
             pool = UpstreamPool(router.upstreams)
             stack.push_async_callback(pool.aclose)
             metrics = Metrics()
+            gate = UpstreamGate({u.name: u.slots for u in router.upstreams.values()})
             memory: Memory = NoMemory()
             if settings.memory.enabled:
                 memory = await open_memory(settings, router, pool, metrics, stack)
@@ -104,6 +107,7 @@ def build_app(settings: Settings) -> Starlette:
                 memory=memory,
                 metrics=metrics,
                 max_body_bytes=settings.server.max_body_bytes,
+                gate=gate,
             )
             yield
 

@@ -102,6 +102,13 @@ class UpstreamSettings(_Section):
     max_connections: int = Field(
         default=100, ge=1, description="Most simultaneous connections to this upstream."
     )
+    slots: int = Field(
+        default=1,
+        ge=1,
+        description="Requests the server answers at once (1 for most local servers). "
+        "Background jobs (summaries, facts) use a slot only when the user's requests leave "
+        "one free, and give it back when a user's request needs it.",
+    )
 
     @field_validator("base_url")
     @classmethod

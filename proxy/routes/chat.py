@@ -19,6 +19,7 @@ from proxy.routes.http import (
     send_bytes,
     send_error,
 )
+from proxy.routes.plan import ChatPlan
 from proxy.routes.relay import relay_sse, response_headers, run_until_disconnect
 from proxy.routes.state import AppState
 from proxy.routes.validation import validate_chat_body
@@ -49,49 +50,69 @@ class ChatCompletions:
                 body=body,
                 route=route,
             )
-            if plan.body is not None:
-                outgoing = json.dumps(plan.body, ensure_ascii=False).encode()
-            elif route.model != body.get("model"):
-                outgoing = json.dumps({**body, "model": route.model}, ensure_ascii=False).encode()
-            else:
-                outgoing = raw  # untouched: unknown fields pass through byte for byte
-            response = await run_until_disconnect(
-                receive,
-                state.pool.send(
-                    route.upstream,
-                    "POST",
-                    "chat/completions",
-                    headers=upstream_headers(route.upstream, headers),
-                    content=outgoing,
-                ),
-            )
         except ClientGone:
             return
         except ProxyError as exc:
             state.metrics.count_error(exc)
             await send_error(send, exc)
             return
-        state.metrics.upstream_started(route.upstream.name, time.perf_counter() - started)
-        try:
-            if response.status_code >= 400:
-                await _pass_error(send, receive, response, route.upstream, plan.headers)
-            elif body.get("stream") is True:
-                reply = ReplyAccumulator()
-                result = await relay_sse(
-                    send,
+        if plan.body is not None:
+            outgoing = json.dumps(plan.body, ensure_ascii=False).encode()
+        elif route.model != body.get("model"):
+            outgoing = json.dumps({**body, "model": route.model}, ensure_ascii=False).encode()
+        else:
+            outgoing = raw  # untouched: unknown fields pass through byte for byte
+        # The user's request holds its upstream: background jobs there wait or give way.
+        with state.gate.user(route.upstream.name):
+            try:
+                response = await run_until_disconnect(
                     receive,
-                    response,
-                    route.upstream,
-                    headers=plan.headers,
-                    on_chunk=reply.add_chunk,
-                    before_done=lambda: plan.record(reply, partial=False),
+                    state.pool.send(
+                        route.upstream,
+                        "POST",
+                        "chat/completions",
+                        headers=upstream_headers(route.upstream, headers),
+                        content=outgoing,
+                    ),
                 )
-                if result.client_gone or result.error is not None:
-                    await plan.record(reply, partial=True)
-            else:
-                await self._complete(send, receive, response, route.upstream, plan)
-        finally:
-            await response.aclose()
+            except ClientGone:
+                return
+            except ProxyError as exc:
+                state.metrics.count_error(exc)
+                await send_error(send, exc, plan.headers)
+                return
+            state.metrics.upstream_started(route.upstream.name, time.perf_counter() - started)
+            try:
+                await self._answer(send, receive, response, route.upstream, body, plan)
+            finally:
+                await response.aclose()
+
+    async def _answer(
+        self,
+        send: Send,
+        receive: Receive,
+        response: httpx.Response,
+        upstream: Upstream,
+        body: dict[str, Any],
+        plan: ChatPlan,
+    ) -> None:
+        if response.status_code >= 400:
+            await _pass_error(send, receive, response, upstream, plan.headers)
+        elif body.get("stream") is True:
+            reply = ReplyAccumulator()
+            result = await relay_sse(
+                send,
+                receive,
+                response,
+                upstream,
+                headers=plan.headers,
+                on_chunk=reply.add_chunk,
+                before_done=lambda: plan.record(reply, partial=False),
+            )
+            if result.client_gone or result.error is not None:
+                await plan.record(reply, partial=True)
+        else:
+            await self._complete(send, receive, response, upstream, plan)
 
     async def _complete(
         self,
@@ -99,7 +120,7 @@ class ChatCompletions:
         receive: Receive,
         response: httpx.Response,
         upstream: Upstream,
-        plan: Any,
+        plan: ChatPlan,
     ) -> None:
         """A non-streamed reply: read it whole, record it, then answer."""
         try:

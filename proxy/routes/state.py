@@ -8,6 +8,7 @@ from proxy.metrics import Metrics
 from proxy.routes.auth import Auth
 from proxy.routes.plan import Memory
 from proxy.upstreams.client import UpstreamPool
+from proxy.upstreams.gate import UpstreamGate
 from proxy.upstreams.registry import Router
 
 
@@ -21,3 +22,4 @@ class AppState:
     memory: Memory
     metrics: Metrics
     max_body_bytes: int
+    gate: UpstreamGate

@@ -23,6 +23,7 @@ class Upstream:
     read_timeout: float = 600.0
     context_window: int = 0
     max_connections: int = 100
+    slots: int = 1
 
     def url(self, path: str) -> str:
         """The upstream URL for a path relative to its base (`chat/completions`)."""
