@@ -8,13 +8,15 @@ What it does:
    docstrings, plus templated chat-like lines about people, places and plans) and
    embeds it once with the real model (all-MiniLM-L6-v2, offline); the vectors are
    cached under bench/results/ (git-ignored).
-2. Recall@10 of the store's layout (bit KNN in sqlite-vec, then exact cosine
-   re-scoring of k * oversample candidates) against exact float KNN, on real vectors,
-   for several oversample factors.
+2. Recall@10 of the store's layout (Hamming scan over packed sign bits, then exact
+   cosine re-scoring of k * oversample candidates) against exact float KNN, on real
+   vectors, for several oversample factors.
 3. Latency of ``knn`` and ``keyword_search`` (p50/p95) with N memories in one scope,
    while other scopes hold rows too (partition isolation), and the file size;
    rows beyond the real corpus are real vectors plus small noise (latency only).
-4. File size with many small scopes (each vec0 partition reserves a chunk).
+4. File size with many small scopes.
+5. With --vec0, the same KNN through a sqlite-vec vec0 bit table (the layout this
+   store does not use), for comparison.
 
 Timings on a shared 2-core machine are noisy: run it twice before believing a digit.
 """
@@ -206,7 +208,6 @@ def build_store(
     path: Path,
     scopes: Sequence[tuple[str, list[str], np.ndarray]],
     *,
-    chunk_size: int,
     batch: int = 5000,
 ) -> tuple[Connection, dict[str, int]]:
     """A fresh store holding, per (name, texts, vectors), one scope of 'turn' memories."""
@@ -216,7 +217,6 @@ def build_store(
     conn.execute("BEGIN IMMEDIATE")
     records.set_meta(conn, "embedding_model", MODEL_ID)
     records.set_meta(conn, "embedding_dim", str(dim))
-    vectors.ensure_vec_table(conn, dim, chunk_size=chunk_size)
     conn.execute("COMMIT")
     ids: dict[str, int] = {}
     for name, texts, vecs in scopes:
@@ -268,7 +268,7 @@ def measure_recall(
     """Recall@k of bit KNN + re-scoring vs exact cosine, per corpus size and oversample."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        conn, ids = build_store(Path(tmp) / "recall.db", [("s", texts, vecs)], chunk_size=64)
+        conn, ids = build_store(Path(tmp) / "recall.db", [("s", texts, vecs)])
         order = np.argsort(-(queries @ vecs.T), axis=1)[:, :k]
         first_id = conn.execute("SELECT min(id) FROM memories").fetchone()[0]
         for oversample in grid:
@@ -290,9 +290,9 @@ def measure_latency(
     size: int,
     other_scopes: int,
     other_rows: int,
-    chunk_size: int,
     k: int,
-) -> dict[str, float]:
+    oversample: Sequence[int],
+) -> list[dict[str, float]]:
     """knn / keyword_search latency with ``size`` memories in one scope, and file size."""
     rng = np.random.default_rng(size)
     main_vecs = _noisy(vecs, size, rng)
@@ -304,47 +304,62 @@ def measure_latency(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.db"
         start = time.perf_counter()
-        conn, ids = build_store(path, scopes, chunk_size=chunk_size)
+        conn, ids = build_store(path, scopes)
         build_s = time.perf_counter() - start
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         size_mb = path.stat().st_size / 1e6
         conn.close()
+        start = time.perf_counter()
+        open_connection(path, check=True).close()  # what a start costs: quick_check
+        open_ms = (time.perf_counter() - start) * 1000
         reader = open_connection(path, readonly=True)
         scope_id = ids["main"]
-        for q, text in zip(query_vecs[:20], query_texts[:20], strict=True):  # warm up
-            vectors.knn(reader, scope_id, q, k)
-            vectors.keyword_search(reader, scope_id, text, k)
-        knn_t, kw_t, both_t, leaks = [], [], [], 0
-        for q, text in zip(query_vecs, query_texts, strict=True):
-            knn_t.append(_timed(lambda q=q: vectors.knn(reader, scope_id, q, k)))
-            kw_t.append(_timed(lambda text=text: vectors.keyword_search(reader, scope_id, text, k)))
-            both_t.append(knn_t[-1] + kw_t[-1])
-        # Partition isolation: a small scope's KNN must only see its own rows.
+        results = []
+        for over in oversample:
+            for q, text in zip(query_vecs[:20], query_texts[:20], strict=True):  # warm up
+                vectors.knn(reader, scope_id, q, k, oversample=over)
+                vectors.keyword_search(reader, scope_id, text, k)
+            knn_t, kw_t, both_t = [], [], []
+            for q, text in zip(query_vecs, query_texts, strict=True):
+                knn_t.append(
+                    _timed(lambda q=q, o=over: vectors.knn(reader, scope_id, q, k, oversample=o))
+                )
+                kw_t.append(
+                    _timed(lambda text=text: vectors.keyword_search(reader, scope_id, text, k))
+                )
+                both_t.append(knn_t[-1] + kw_t[-1])
+            out = {"rows": size, "oversample": over, "build_s": build_s, "file_mb": size_mb}
+            out["open_ms"] = open_ms
+            for name, samples in (("knn", knn_t), ("keyword", kw_t), ("both", both_t)):
+                out[f"{name}_p50"], out[f"{name}_p95"] = _percentiles(samples)
+            results.append(out)
+        # Partition isolation: a small scope's KNN sees only its own rows, and is fast.
         other_id = ids.get("other0")
+        small, leaks = [], 0
         if other_id is not None:
             own = {
                 r[0]
                 for r in reader.execute("SELECT id FROM memories WHERE scope_id = ?", (other_id,))
             }
-            small = []
             for q in query_vecs[:50]:
                 small.append(_timed(lambda q=q: vectors.knn(reader, other_id, q, k)))
                 leaks += len({h.memory_id for h in vectors.knn(reader, other_id, q, k)} - own)
         reader.close()
-    out = {
-        "rows": size,
-        "build_s": build_s,
-        "file_mb": size_mb,
-        "leaks": leaks,
-    }
-    for name, samples in (("knn", knn_t), ("keyword", kw_t), ("both", both_t)):
-        out[f"{name}_p50"], out[f"{name}_p95"] = _percentiles(samples)
-    if other_id is not None:
-        out["small_knn_p50"] = _percentiles(small)[0]
-    return out
+        writer = open_connection(path)
+        start = time.perf_counter()
+        writer.execute("BEGIN IMMEDIATE")
+        records.delete_scope(writer, scope_id)
+        writer.execute("COMMIT")
+        delete_s = time.perf_counter() - start
+        writer.close()
+    for out in results:
+        out["leaks"] = leaks
+        out["small_knn_p50"] = _percentiles(small)[0] if small else 0.0
+        out["delete_s"] = delete_s
+    return results
 
 
-def measure_partitions(vecs: np.ndarray, scopes: int, rows: int, chunk_size: int) -> float:
+def measure_partitions(vecs: np.ndarray, scopes: int, rows: int) -> float:
     """File size (MB) of ``scopes`` scopes of ``rows`` memories each."""
     rng = np.random.default_rng(1)
     parts = []
@@ -353,10 +368,45 @@ def measure_partitions(vecs: np.ndarray, scopes: int, rows: int, chunk_size: int
         parts.append((f"p{n}", [f"memory {n} {i}" for i in range(rows)], vecs[idx]))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "parts.db"
-        conn, _ = build_store(path, parts, chunk_size=chunk_size)
+        conn, _ = build_store(path, parts)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
         return path.stat().st_size / 1e6
+
+
+def measure_vec0(
+    vecs: np.ndarray, queries: np.ndarray, size: int, chunks: Sequence[int], k: int
+) -> list[tuple[int, int, float]]:
+    """p50 of a vec0 bit KNN of k and k * OVERSAMPLE rows, per chunk size."""
+    rows = _noisy(vecs, size, np.random.default_rng(size))
+    out = []
+    for chunk in chunks:
+        with tempfile.TemporaryDirectory() as tmp:
+            conn = open_connection(Path(tmp) / "vec0.db")
+            conn.execute(
+                "CREATE VIRTUAL TABLE v USING vec0(scope_id integer partition key,"
+                f" embedding bit[{vecs.shape[1]}], chunk_size={chunk})"
+            )
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO v (rowid, scope_id, embedding) VALUES (?, 1, vec_quantize_binary(?))",
+                ((i + 1, row.tobytes()) for i, row in enumerate(rows)),
+            )
+            conn.execute("COMMIT")
+            for want in (k, k * vectors.OVERSAMPLE):
+                sql = (
+                    "SELECT rowid FROM v WHERE embedding MATCH vec_quantize_binary(?)"
+                    " AND scope_id = 1 AND k = ?"
+                )
+                samples = [
+                    _timed(
+                        lambda c=conn, s=sql, q=q, w=want: c.execute(s, (q.tobytes(), w)).fetchall()
+                    )
+                    for q in queries
+                ]
+                out.append((chunk, want, _percentiles(samples)[0]))
+            conn.close()
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -366,8 +416,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--real", type=int, default=20_000, help="real sentences to embed")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--oversample", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--chunk-size", type=int, nargs="+", default=[vectors.CHUNK_SIZE])
+    parser.add_argument("--oversample", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--latency-oversample", type=int, nargs="+", default=[vectors.OVERSAMPLE])
+    parser.add_argument("--pack-size", type=int, nargs="+", default=[vectors.PACK_SIZE])
+    parser.add_argument("--vec0", type=int, nargs="*", default=[], help="vec0 chunk sizes")
     parser.add_argument("--other-scopes", type=int, default=200)
     parser.add_argument("--other-rows", type=int, default=20)
     parser.add_argument("--partitions", type=int, default=2000, help="scopes for the size test")
@@ -390,18 +442,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if "latency" not in args.skip:
         print(
-            f"\nlatency in ms (k={args.k}, oversample={vectors.OVERSAMPLE}); "
-            f"plus {args.other_scopes} other scopes of {args.other_rows} rows"
+            f"\nlatency in ms (k={args.k}); plus {args.other_scopes} other scopes of "
+            f"{args.other_rows} rows"
         )
-        header = (
-            f"{'rows':>8} {'chunk':>6} {'knn p50':>8} {'knn p95':>8} {'kw p50':>7} "
-            f"{'kw p95':>7} {'both p50':>8} {'both p95':>8} {'small knn':>9} "
-            f"{'file MB':>8} {'build s':>7} {'leaks':>5}"
+        print(
+            f"{'rows':>7} {'pack':>5} {'over':>4} {'knn p50':>7} {'p95':>6} {'kw p50':>6} "
+            f"{'p95':>6} {'both p50':>8} {'p95':>6} {'small':>5} {'MB':>6} {'build s':>7} "
+            f"{'open ms':>7} {'del s':>5} {'leaks':>5}"
         )
-        print(header)
-        for chunk in args.chunk_size:
+        for pack in args.pack_size:
+            vectors.PACK_SIZE = pack  # a benchmark knob, not a setting
             for size in args.sizes:
-                r = measure_latency(
+                for r in measure_latency(
                     corpus_t,
                     corpus_v,
                     query_t,
@@ -409,23 +461,29 @@ def main(argv: Sequence[str] | None = None) -> None:
                     size=size,
                     other_scopes=args.other_scopes,
                     other_rows=args.other_rows,
-                    chunk_size=chunk,
                     k=args.k,
-                )
-                print(
-                    f"{size:>8} {chunk:>6} {r['knn_p50']:>8.2f} {r['knn_p95']:>8.2f} "
-                    f"{r['keyword_p50']:>7.2f} {r['keyword_p95']:>7.2f} {r['both_p50']:>8.2f} "
-                    f"{r['both_p95']:>8.2f} {r.get('small_knn_p50', 0):>9.2f} "
-                    f"{r['file_mb']:>8.1f} {r['build_s']:>7.1f} {r['leaks']:>5}",
-                    flush=True,
-                )
+                    oversample=args.latency_oversample,
+                ):
+                    print(
+                        f"{size:>7} {pack:>5} {r['oversample']:>4} {r['knn_p50']:>7.2f} "
+                        f"{r['knn_p95']:>6.2f} {r['keyword_p50']:>6.2f} {r['keyword_p95']:>6.2f} "
+                        f"{r['both_p50']:>8.2f} {r['both_p95']:>6.2f} {r['small_knn_p50']:>5.2f} "
+                        f"{r['file_mb']:>6.1f} {r['build_s']:>7.1f} {r['open_ms']:>7.0f} "
+                        f"{r['delete_s']:>5.1f} {r['leaks']:>5}",
+                        flush=True,
+                    )
 
     if "size" not in args.skip:
         print(f"\nfile size with {args.partitions} scopes of 5 memories each")
-        print(f"{'chunk':>6} {'file MB':>8}")
-        for chunk in args.chunk_size:
-            mb = measure_partitions(corpus_v, args.partitions, 5, chunk)
-            print(f"{chunk:>6} {mb:>8.1f}", flush=True)
+        mb = measure_partitions(corpus_v, args.partitions, 5)
+        print(f"{mb:.1f} MB")
+
+    if args.vec0:
+        print(f"\nsqlite-vec vec0 bit[] KNN alone, for comparison (k={args.k})")
+        print(f"{'rows':>7} {'chunk':>5} {'k':>5} {'p50 ms':>7}")
+        for size in args.sizes:
+            for chunk, k, p50 in measure_vec0(corpus_v, query_v, size, args.vec0, args.k):
+                print(f"{size:>7} {chunk:>5} {k:>5} {p50:>7.2f}", flush=True)
 
 
 if __name__ == "__main__":

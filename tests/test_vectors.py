@@ -53,8 +53,8 @@ def _add(
     return ids
 
 
-def _vec_rows(conn: Connection) -> int:
-    return conn.execute("SELECT count(*) FROM memories_vec").fetchone()[0]
+def _pack_entries(conn: Connection) -> int:
+    return conn.execute("SELECT coalesce(sum(length(ids)), 0) / 8 FROM vector_packs").fetchone()[0]
 
 
 # -- knn ---------------------------------------------------------------------------
@@ -113,7 +113,13 @@ def test_retracted_and_superseded_never_come_back(store: Store) -> None:
     assert [h.memory_id for h in hits] == [ids[20 + i] for i in np.argsort(-active)[:5]]
     words = store.read_sync(vectors.keyword_search, scope, "lighthouse", 50)
     assert {h.memory_id for h in words} == set(ids[20:])
-    assert store.read_sync(lambda c: _vec_rows(c)) == 10
+    # Compaction drops the stale entries from the packs for good.
+    assert store.read_sync(_pack_entries) == 30
+    assert store.write_sync(vectors.compact_vectors) >= 1
+    assert store.read_sync(_pack_entries) == 10
+    assert [h.memory_id for h in store.read_sync(vectors.knn, scope, query, 5)] == [
+        h.memory_id for h in hits
+    ]
 
 
 def test_undone_messages_take_their_memories_out_of_search(store: Store) -> None:
@@ -146,8 +152,11 @@ def test_a_reactivated_memory_is_searchable_again(store: Store) -> None:
     store.write_sync(
         lambda c: c.execute("UPDATE memories SET state = 'active' WHERE id = ?", (mem,))
     )
-    assert store.read_sync(vectors.knn, scope, fake_vec("the blue door"), 1)[0].memory_id == mem
     assert store.read_sync(vectors.keyword_search, scope, "door", 1)[0].memory_id == mem
+    # Its vector is queued again (the worker re-embeds it), then it is found.
+    assert [m.id for m in store.read_sync(records.memories_to_embed, 10)] == [mem]
+    store.write_sync(vectors.store_vectors, MODEL, [(mem, fake_vec("the blue door"))])
+    assert store.read_sync(vectors.knn, scope, fake_vec("the blue door"), 1)[0].memory_id == mem
 
 
 def test_edited_text_drops_the_old_vector_until_re_embedded(store: Store) -> None:
@@ -283,14 +292,24 @@ def test_keyword_search_ranks_words_with_stemming_and_stopwords(store: Store) ->
     assert store.read_sync(vectors.keyword_search, scope, "the", 5) != []  # only stopwords
 
 
-def test_match_expression_is_quoted_words_only() -> None:
-    assert vectors.match_expression('cat* NEAR("dog") AND bird:') == (
-        '"cat" OR "near" OR "dog" OR "bird"'  # operators become plain words
-    )
-    assert vectors.match_expression("the of and") == '"the" OR "of" OR "and"'
-    assert vectors.match_expression("?!*") is None
-    long = vectors.match_expression(" ".join(f"w{i}" * (1 + i % 7) for i in range(200)))
-    assert long is not None and long.count(" OR ") == vectors.MAX_TERMS - 1
+def test_query_words_are_plain_words_only() -> None:
+    assert vectors.query_words('cat* NEAR("dog") AND bird:') == ["cat", "near", "dog", "bird"]
+    assert vectors.query_words("the of and") == ["the", "of", "and"]  # only stopwords: kept
+    assert vectors.query_words("?!* 🙂") == []
+    long = vectors.query_words(" ".join(f"w{i}" * (1 + i % 7) for i in range(200)))
+    assert len(long) == vectors.MAX_TERMS
+    assert vectors.match_expression(["cat", "dog"]) == '"cat" OR "dog"'
+    assert vectors.match_expression([]) is None
+
+
+def test_keyword_search_prefers_rare_words_in_big_stores(store: Store) -> None:
+    scope = _scope(store, "chat")
+    common = [f"Alice said something about the weather {i}" for i in range(3000)]
+    ids = _add(store, scope, [*common, "Alice mentioned the zeppelin museum"])
+    hits = store.read_sync(vectors.keyword_search, scope, "Alice and the zeppelin", 3)
+    assert hits[0].memory_id == ids[-1]
+    # 'alice' is in every memory: beyond the postings budget, it is left out.
+    assert len(hits) == 1
 
 
 # -- deleting a scope --------------------------------------------------------------
@@ -300,9 +319,9 @@ def test_delete_scope_removes_its_vectors_and_fts_rows(store: Store) -> None:
     keep, gone = _scope(store, "keep"), _scope(store, "gone")
     _add(store, keep, ["shared words here"])
     _add(store, gone, [f"shared words {i}" for i in range(50)])
-    assert store.read_sync(_vec_rows) == 51
+    assert store.read_sync(_pack_entries) == 51
     store.write_sync(records.delete_scope, gone)
-    assert store.read_sync(_vec_rows) == 1
+    assert store.read_sync(_pack_entries) == 1
     assert (
         store.read_sync(lambda c: c.execute("SELECT count(*) FROM embeddings").fetchone()[0]) == 1
     )

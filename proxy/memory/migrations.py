@@ -14,13 +14,12 @@ Schema notes (m001):
   keys are configured); (owner, name) is unique.
 - ``messages.seq`` orders a scope's transcript and only grows; undone messages keep
   their seq (state 'undone'), so the transcript's history is never rewritten.
-- FTS5 (``memories_fts``) is contentless and holds exactly the *active* memories,
-  kept so by triggers; its ``scope`` column holds the token ``s<scope_id>`` so a
-  keyword search is confined to one scope inside the FTS index itself.
-- ``embeddings`` holds each memory's unit float32 vector (exact re-scoring). The
-  sqlite-vec table ``memories_vec`` depends on the embedding dimension, so it is
-  created by ``proxy.memory.vectors.ensure_vec_table`` when the first vector is
-  written, not by a migration.
+- ``memories_fts`` (FTS5, contentless) holds exactly the *active* memories, kept so
+  by triggers; its rowid is ``(scope_id << 40) + memory_id`` (memory ids stay below
+  2**40 and scope ids below 2**23, far beyond any real store).
+- ``embeddings`` holds each memory's unit float32 vector; ``vector_packs`` the sign
+  bits of the active ones, per scope, for the coarse KNN scan (see
+  ``proxy.memory.vectors``). Neither depends on the embedding dimension.
 """
 
 from __future__ import annotations
@@ -111,40 +110,79 @@ def m001_initial(conn: Connection) -> None:
         ) WITHOUT ROWID;
         CREATE INDEX memory_sources_message ON memory_sources (message_id);
 
+        -- Vectors. ``embeddings`` holds each memory's unit float32 vector (exact
+        -- re-scoring); ``vector_packs`` holds the sign bits of the active ones, packed
+        -- per scope in blobs of up to PACK_SIZE entries for a fast scan (vectors.py).
         CREATE TABLE embeddings (
             memory_id INTEGER PRIMARY KEY REFERENCES memories (id) ON DELETE CASCADE,
-            vector BLOB NOT NULL
+            vector BLOB NOT NULL,
+            pack INTEGER,
+            slot INTEGER
         );
+        CREATE INDEX embeddings_pack ON embeddings (pack) WHERE pack IS NOT NULL;
 
+        CREATE TABLE vector_packs (
+            id INTEGER PRIMARY KEY,
+            scope_id INTEGER NOT NULL REFERENCES scopes (id) ON DELETE CASCADE,
+            ids BLOB NOT NULL,
+            bits BLOB NOT NULL,
+            dirty INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX vector_packs_scope ON vector_packs (scope_id);
+        CREATE INDEX vector_packs_dirty ON vector_packs (id) WHERE dirty = 1;
+
+        -- A pack entry goes stale when its memory loses its vector or leaves 'active':
+        -- the pack is marked dirty (searches mask it, compaction rewrites it).
+        CREATE TRIGGER embeddings_stale AFTER DELETE ON embeddings
+        WHEN old.pack IS NOT NULL
+        BEGIN
+            UPDATE vector_packs SET dirty = 1 WHERE id = old.pack;
+        END;
+        CREATE TRIGGER memories_deactivated AFTER UPDATE OF state ON memories
+        WHEN old.state = 'active' AND new.state != 'active'
+        BEGIN
+            UPDATE vector_packs SET dirty = 1
+            WHERE id = (SELECT pack FROM embeddings WHERE memory_id = new.id);
+        END;
+        -- Back to 'active' (rare; no API does it today): embed it again.
+        CREATE TRIGGER memories_reactivated AFTER UPDATE OF state ON memories
+        WHEN new.state = 'active' AND old.state != 'active'
+        BEGIN
+            DELETE FROM embeddings WHERE memory_id = new.id;
+            UPDATE memories SET embedded = 0 WHERE id = new.id;
+        END;
+
+        -- Keyword search. Contentless FTS5 over the *active* memories, kept so by
+        -- triggers. Its rowid is (scope_id << 40) + memory id, so that a search is
+        -- confined to a scope by a rowid range, which FTS5 applies inside its scan
+        -- (a scope column in the MATCH would cost a count of the whole scope).
         CREATE VIRTUAL TABLE memories_fts USING fts5 (
-            scope, text,
+            text,
             content = '',
             tokenize = 'porter unicode61 remove_diacritics 2'
         );
-        -- The scope column only filters; BM25 ranks on the text alone.
-        INSERT INTO memories_fts (memories_fts, rank) VALUES ('rank', 'bm25(0.0, 1.0)');
+        CREATE VIRTUAL TABLE memories_fts_vocab USING fts5vocab (memories_fts, 'row');
 
         CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories
         WHEN new.state = 'active'
         BEGIN
-            INSERT INTO memories_fts (rowid, scope, text)
-            VALUES (new.id, 's' || new.scope_id, new.text);
+            INSERT INTO memories_fts (rowid, text) VALUES ((new.scope_id << 40) + new.id, new.text);
         END;
         CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories
         WHEN old.state = 'active'
         BEGIN
-            INSERT INTO memories_fts (memories_fts, rowid, scope, text)
-            VALUES ('delete', old.id, 's' || old.scope_id, old.text);
+            INSERT INTO memories_fts (memories_fts, rowid, text)
+            VALUES ('delete', (old.scope_id << 40) + old.id, old.text);
         END;
         -- One trigger, so that the old row always leaves the index before the new
         -- one enters (separate triggers fire in an order SQLite does not promise).
         CREATE TRIGGER memories_fts_update AFTER UPDATE OF state, text, scope_id ON memories
         WHEN old.state = 'active' OR new.state = 'active'
         BEGIN
-            INSERT INTO memories_fts (memories_fts, rowid, scope, text)
-            SELECT 'delete', old.id, 's' || old.scope_id, old.text WHERE old.state = 'active';
-            INSERT INTO memories_fts (rowid, scope, text)
-            SELECT new.id, 's' || new.scope_id, new.text WHERE new.state = 'active';
+            INSERT INTO memories_fts (memories_fts, rowid, text)
+            SELECT 'delete', (old.scope_id << 40) + old.id, old.text WHERE old.state = 'active';
+            INSERT INTO memories_fts (rowid, text)
+            SELECT (new.scope_id << 40) + new.id, new.text WHERE new.state = 'active';
         END;
 
         CREATE TABLE summaries (
