@@ -8,7 +8,9 @@ The tree, written down once:
     ├── Unauthorized           401 authentication_error
     ├── NotFound               404 not_found_error
     │   └── ModelNotFound      404 invalid_request_error, code "model_not_found"
+    ├── Conflict               409 conflict_error (the resource's state forbids the change)
     ├── PayloadTooLarge        413 invalid_request_error
+    ├── ServiceUnavailable     503 service_unavailable (a feature that is switched off)
     └── UpstreamError          502 upstream_error (the upstream is named in the message)
         ├── UpstreamUnreachable 502 (refused, DNS, reset before a response)
         └── UpstreamTimeout     504
@@ -63,6 +65,18 @@ class NotFound(ProxyError):
 class ModelNotFound(NotFound):
     type = "invalid_request_error"
     default_code = "model_not_found"
+
+
+class Conflict(ProxyError):
+    status = 409
+    type = "conflict_error"
+    default_code = "conflict"
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "service_unavailable"
 
 
 class PayloadTooLarge(ProxyError):
