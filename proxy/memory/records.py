@@ -488,12 +488,17 @@ def list_memories(
     states: Iterable[str] = ("active",),
     pinned: bool | None = None,
     before_id: int | None = None,
+    since: float | None = None,
     limit: int = 100,
 ) -> list[MemoryRow]:
-    """The scope's memories, newest first, filtered; page with ``before_id``."""
+    """The scope's memories, newest first, filtered (``since``: dated at or after it);
+    page with ``before_id``."""
     states = list(states)
     where = [f"scope_id = ? AND state IN ({placeholders(states)})"]
     params: list[Any] = [scope_id, *states]
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
     if kinds is not None:
         kinds = list(kinds)
         where.append(f"kind IN ({placeholders(kinds)})")
