@@ -332,3 +332,21 @@ def test_delete_scope_removes_its_vectors_and_fts_rows(store: Store) -> None:
     )
     assert fts == 1
     assert len(store.read_sync(vectors.keyword_search, keep, "shared words", 10)) == 1
+
+
+def test_searches_see_every_change_to_the_scope(store: Store) -> None:
+    # Readers cache a scope's packed bits; each change must still show at once.
+    scope = _scope(store, "chat")
+    query = fake_vec("q")
+    first = _add(store, scope, [f"far {i}" for i in range(700)])  # more than one pack
+    before = store.read_sync(vectors.knn, scope, query, 3)
+    (closest,) = _add(store, scope, ["closest"], [near(query, 0.1, "c")])
+    assert store.read_sync(vectors.knn, scope, query, 1)[0].memory_id == closest
+    store.write_sync(records.retract_memories, scope, [closest])
+    assert store.read_sync(vectors.knn, scope, query, 3) == before
+    store.write_sync(records.delete_memory, scope, before[0].memory_id)
+    after = store.read_sync(vectors.knn, scope, query, 3)
+    assert [h.memory_id for h in after] == [h.memory_id for h in before[1:]] + [after[2].memory_id]
+    assert after[2].memory_id in first
+    store.write_sync(vectors.compact_vectors)
+    assert store.read_sync(vectors.knn, scope, query, 3) == after

@@ -66,6 +66,18 @@ def sqlite_driver() -> ModuleType:
     return dbapi2
 
 
+@functools.cache
+def _connection_class() -> type:
+    """The driver's Connection, subclassed so that it can carry per-connection caches
+    (``proxy.memory.vectors`` keeps the scopes' packed bits there)."""
+    base = sqlite_driver().Connection
+
+    class StoreConnection(base):  # type: ignore[misc, valid-type]
+        """A connection of the memory store."""
+
+    return StoreConnection
+
+
 def open_connection(
     path: Path | str,
     *,
@@ -98,6 +110,7 @@ def open_connection(
                 isolation_level=None,
                 check_same_thread=False,
                 timeout=busy_timeout_ms / 1000,
+                factory=_connection_class(),
             )
         else:
             conn = driver.connect(
@@ -105,6 +118,7 @@ def open_connection(
                 isolation_level=None,
                 check_same_thread=False,
                 timeout=busy_timeout_ms / 1000,
+                factory=_connection_class(),
             )
     except driver.Error as exc:
         raise translate_error(exc, path) from exc

@@ -121,9 +121,12 @@ def m001_initial(conn: Connection) -> None:
         );
         CREATE INDEX embeddings_pack ON embeddings (pack) WHERE pack IS NOT NULL;
 
+        -- AUTOINCREMENT: a pack id is never reused, so (id, version) names one content
+        -- for the readers' caches; every rewrite of a pack bumps its version.
         CREATE TABLE vector_packs (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             scope_id INTEGER NOT NULL REFERENCES scopes (id) ON DELETE CASCADE,
+            version INTEGER NOT NULL DEFAULT 0,
             ids BLOB NOT NULL,
             bits BLOB NOT NULL,
             dirty INTEGER NOT NULL DEFAULT 0

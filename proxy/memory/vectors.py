@@ -27,7 +27,9 @@ cost stays bounded in big stores.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -137,12 +139,20 @@ def _sign_bits(unit: np.ndarray) -> bytes:
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
-def _hamming(bits: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Hamming distances of each row of ``bits`` (uint64 words) to ``query``."""
-    diff = bits ^ query
+def _hamming(columns: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Hamming distances of each entry to ``query``; ``columns`` holds the entries'
+    64-bit words column-major (shape words x entries), which numpy scans fastest."""
     bitwise_count = getattr(np, "bitwise_count", None)  # numpy >= 2.0
-    counts = bitwise_count(diff) if bitwise_count else _POPCOUNT8[diff.view(np.uint8)]
-    return counts.sum(axis=1, dtype=np.int32)
+
+    def popcount(words: np.ndarray) -> np.ndarray:
+        if bitwise_count is not None:
+            return bitwise_count(words)
+        return _POPCOUNT8[words.view(np.uint8).reshape(-1, 8)].sum(axis=1, dtype=np.uint8)
+
+    total = popcount(columns[0] ^ query[0]).astype(np.int32)
+    for row in range(1, columns.shape[0]):
+        total += popcount(columns[row] ^ query[row])
+    return total
 
 
 # -- writing vectors --------------------------------------------------------------
@@ -225,7 +235,10 @@ def _append(conn: Connection, scope_id: int, entries: list[tuple[int, bytes]]) -
         ids += np.array([m for m, _ in room], dtype="<i8").tobytes()
         bits += b"".join(b for _, b in room)
         slots += [(pack_id, used + i, m) for i, (m, _) in enumerate(room)]
-        conn.execute("UPDATE vector_packs SET ids = ?, bits = ? WHERE id = ?", (ids, bits, pack_id))
+        conn.execute(
+            "UPDATE vector_packs SET ids = ?, bits = ?, version = version + 1 WHERE id = ?",
+            (ids, bits, pack_id),
+        )
     conn.executemany("UPDATE embeddings SET pack = ?, slot = ? WHERE memory_id = ?", slots)
 
 
@@ -244,7 +257,8 @@ def compact_vectors(conn: Connection) -> int:
             conn.execute("DELETE FROM vector_packs WHERE id = ?", (pack_id,))
             continue
         conn.execute(
-            "UPDATE vector_packs SET ids = ?, bits = ?, dirty = 0 WHERE id = ?",
+            "UPDATE vector_packs SET ids = ?, bits = ?, dirty = 0, version = version + 1"
+            " WHERE id = ?",
             (
                 entries[keep].tobytes(),
                 b"".join(bits[i * width : (i + 1) * width] for i in keep),
@@ -291,32 +305,128 @@ def knn(
         return []
     query = _unit(query_vec, model[1])
     packs = conn.execute(
-        "SELECT id, ids, bits, dirty FROM vector_packs WHERE scope_id = ?", (scope_id,)
+        "SELECT id, version, dirty FROM vector_packs WHERE scope_id = ? ORDER BY id", (scope_id,)
     ).fetchall()
     if not packs:
         return []
-    ids = np.frombuffer(b"".join(p[1] for p in packs), dtype="<i8")
+    loaded = _scope_bits(conn, scope_id, tuple((p[0], p[1]) for p in packs))
+    ids, columns = loaded.ids, loaded.columns
     qbits = np.frombuffer(_sign_bits(query), dtype="<u8")
-    bits = np.frombuffer(b"".join(p[2] for p in packs), dtype="<u8").reshape(len(ids), -1)
-    if bits.shape[1] != len(qbits):
+    if len(ids) == 0:
+        return []
+    if columns.shape[0] != len(qbits):
         raise StoreError("stored vectors do not match the store's dimension; reset_vectors")
-    distances = _hamming(bits, qbits)
-    dirty = [p[0] for p in packs if p[3]]
+    distances = _hamming(columns, qbits)
+    dirty = [(p[0], p[1]) for p in packs if p[2]]
     if dirty:  # mask entries that went stale since the last compaction
-        in_dirty = np.repeat([bool(p[3]) for p in packs], [len(p[1]) // 8 for p in packs])
-        live = np.fromiter((m for _, _, m in _live_slots(conn, dirty)), dtype="<i8")
-        distances[in_dirty & ~np.isin(ids, live)] = np.iinfo(np.int32).max
-    order = np.argsort(distances, kind="stable")
+        live = np.fromiter((m for _, _, m in _live_slots(conn, [p for p, _ in dirty])), "<i8")
+        for key in dirty:
+            start, stop = loaded.spans[key]
+            stale = ~np.isin(ids[start:stop], live)
+            distances[start:stop][stale] = np.iinfo(np.int32).max
     wanted = max(k * oversample, k)
     hits: list[VectorHit] = []
     # Normally one round; more only if candidates turn out inactive.
-    for start in range(0, len(order), wanted):
-        batch = [int(ids[i]) for i in order[start : start + wanted]]
-        hits += _rescore(conn, scope_id, batch, query)
-        if len(hits) >= k:
-            break
+    taken = 0
+    while taken < len(ids) and len(hits) < k:
+        upto = min(taken + wanted, len(ids))
+        if upto < len(ids):  # partial selection: only the next `wanted`, then order them
+            nearest = np.argpartition(distances, upto - 1)[:upto]
+            nearest = nearest[np.argsort(distances[nearest], kind="stable")][taken:]
+        else:
+            nearest = np.argsort(distances, kind="stable")[taken:]
+        hits += _rescore(conn, scope_id, ids[nearest].tolist(), query)
+        taken = upto
     hits.sort(key=lambda h: -h.similarity)
     return hits[:k]
+
+
+class _ScopeBits:
+    """A scope's packed entries as of one set of pack versions (a reader's cache)."""
+
+    __slots__ = ("columns", "ids", "signature", "spans")
+
+    def __init__(
+        self,
+        signature: tuple[tuple[int, int], ...],
+        ids: np.ndarray,
+        columns: np.ndarray,
+        spans: dict[tuple[int, int], tuple[int, int]],
+    ) -> None:
+        self.signature = signature  # ((pack id, version), ...) in pack order
+        self.ids = ids  # memory ids, one per entry
+        self.columns = columns  # sign bits: 64-bit words x entries (column-major)
+        self.spans = spans  # (pack id, version) -> (start, stop) among the entries
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + self.columns.nbytes)
+
+
+# Per connection: the packed bits of recently searched scopes, so that a search reads
+# only the packs that changed since the last one (a pack's (id, version) never names
+# two contents: ids are AUTOINCREMENT, every rewrite bumps the version).
+CACHE_BYTES = 64 * 1024 * 1024
+
+
+def _cache_of(conn: Connection) -> OrderedDict[int, _ScopeBits]:
+    cache = getattr(conn, "_mnemo_vector_cache", None)
+    if cache is None:
+        cache = OrderedDict()
+        # Connections from db.open_connection take attributes; others are not cached.
+        with contextlib.suppress(AttributeError):
+            conn._mnemo_vector_cache = cache
+    return cache
+
+
+def _scope_bits(
+    conn: Connection, scope_id: int, signature: tuple[tuple[int, int], ...]
+) -> _ScopeBits:
+    """The scope's entries for these pack versions, reading only packs not cached."""
+    cache = _cache_of(conn)
+    old = cache.pop(scope_id, None)
+    if old is not None and old.signature == signature:
+        cache[scope_id] = old
+        return old
+    known = old.spans if old is not None else {}
+    fetched: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    for chunk in chunked([pack for pack, version in signature if (pack, version) not in known]):
+        for pack, version, ids_blob, bits_blob in conn.execute(
+            f"SELECT id, version, ids, bits FROM vector_packs WHERE id IN ({placeholders(chunk)})",
+            chunk,
+        ):
+            ids = np.frombuffer(ids_blob, dtype="<i8")
+            words = len(bits_blob) // 8 // max(len(ids), 1)
+            bits = np.frombuffer(bits_blob, "<u8").reshape(len(ids), words).T
+            fetched[(pack, version)] = (ids, bits)
+    id_parts, bit_parts, spans, start = [], [], {}, 0
+    for key in signature:
+        if key in fetched:
+            ids, bits = fetched[key]
+        else:
+            assert old is not None
+            lo, hi = known[key]
+            ids, bits = old.ids[lo:hi], old.columns[:, lo:hi]
+        spans[key] = (start, start + len(ids))
+        start += len(ids)
+        if len(ids):
+            id_parts.append(ids)
+            bit_parts.append(bits)
+    if not id_parts:
+        return _ScopeBits(signature, np.zeros(0, "<i8"), np.zeros((0, 0), "<u8"), spans)
+    if len({b.shape[0] for b in bit_parts}) > 1:
+        raise StoreError("stored vectors have mixed dimensions; reset_vectors")
+    loaded = _ScopeBits(
+        signature,
+        np.concatenate(id_parts),
+        np.ascontiguousarray(np.concatenate(bit_parts, axis=1)),
+        spans,
+    )
+    cache[scope_id] = loaded
+    total = sum(entry.nbytes for entry in cache.values())
+    while total > CACHE_BYTES and len(cache) > 1:
+        total -= cache.popitem(last=False)[1].nbytes
+    return loaded
 
 
 def _rescore(
