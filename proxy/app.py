@@ -30,7 +30,7 @@ from proxy.memory.embed import (
 from proxy.memory.store import Store
 from proxy.memory.worker import Activity, Worker
 from proxy.metrics import Metrics
-from proxy.routes import health, models
+from proxy.routes import health, memory_api, models
 from proxy.routes.auth import Auth
 from proxy.routes.chat import ChatCompletions
 from proxy.routes.passthrough import PassThrough
@@ -115,6 +115,7 @@ def build_app(settings: Settings) -> Starlette:
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/metrics", health.metrics, methods=["GET"]),
+        Mount("/memory", routes=memory_api.routes()),  # 503 while memory is off
         *v1_routes(),
         Mount("/s/{scope}", routes=v1_routes()),
     ]
@@ -180,6 +181,7 @@ async def open_memory(
     worker = Worker(store, embedder, activity)
     await worker.start()
     stack.push_async_callback(worker.stop)
+    stack.push_async_callback(await memory_api.start_upkeep(settings, store, worker, metrics))
     remember = Remember(
         settings=settings,
         store=store,

@@ -1,0 +1,557 @@
+"""Moving memory in and out of a scope: the scope document, chat imports, character cards.
+
+- The scope document (``export_scope`` / ``import_scope``) is one JSON object holding
+  everything a scope remembers: its transcript (every state), its memories (with their
+  states, pins and sources), its summaries, its style sample and settings. It names
+  nothing by database id: messages by ``seq``, memories by ``ref`` (their position,
+  from 1), so that export, import into a new scope and export again give the same
+  document apart from the scope's name. Vectors are left out (they are the embedding
+  model's, and are made again after an import), as are the request log and jobs.
+- Chats (SillyTavern files, or messages posted in batches) go through the write path of
+  live turns (``record.store_messages``), each chat into a new thread, a few hundred
+  messages per write transaction so that the writer is never held for long.
+- A character card becomes the scene (description, personality, scenario), the style
+  sample (``first_mes``, then ``mes_example``) and notes (``character_book`` entries;
+  the ``constant`` ones pinned).
+
+Importing into a scope that already has messages is refused unless ``append`` is set:
+a second chat in the same memory is a deliberate act, never an accident.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from proxy.memory import jobs, records, scope_state
+from proxy.memory.db import Connection
+from proxy.memory.importers import Card, ParsedChat, card_placeholders
+from proxy.memory.manage import Refused, has_messages, scene_view, set_style
+from proxy.memory.record import EMBED_JOB, new_message, store_messages
+from proxy.memory.store import Store
+from proxy.memory.transcript import message_fingerprint
+
+FORMAT = "mnemoproxy.scope"
+VERSION = 1
+BATCH = 250  # messages per write transaction of an import
+
+Progress = Callable[[int, int], None]
+
+
+# -- the scope document ---------------------------------------------------------------
+
+
+def export_scope(conn: Connection, scope_id: int) -> dict[str, Any]:
+    """The whole scope as one JSON-ready document (see the module docstring)."""
+    scope = records.get_scope_by_id(conn, None, scope_id)
+    if scope is None:
+        raise LookupError("the scope no longer exists")
+    messages = []
+    seq_of: dict[int, int] = {}
+    for row in conn.execute(
+        "SELECT id, seq, thread, role, speaker, content, raw, fingerprint, seen_at, state,"
+        " request_id, undone_at FROM messages WHERE scope_id = ? ORDER BY seq",
+        (scope_id,),
+    ):
+        seq_of[row[0]] = row[1]
+        messages.append(
+            {
+                "seq": row[1],
+                "thread": row[2],
+                "role": row[3],
+                "speaker": row[4],
+                "content": row[5],
+                "raw": json.loads(row[6]),
+                "fingerprint": row[7],
+                "seen_at": row[8],
+                "state": row[9],
+                "request_id": row[10],
+                "undone_at": row[11],
+            }
+        )
+    sources: dict[int, list[int]] = {}
+    for memory_id, message_id in conn.execute(
+        "SELECT s.memory_id, s.message_id FROM memory_sources s"
+        " JOIN memories m ON m.id = s.memory_id WHERE m.scope_id = ?",
+        (scope_id,),
+    ):
+        sources.setdefault(memory_id, []).append(seq_of[message_id])
+    rows = conn.execute(
+        "SELECT id, kind, text, importance, at, created_at, state, superseded_by, pinned,"
+        " speaker, role, meta FROM memories WHERE scope_id = ? ORDER BY id",
+        (scope_id,),
+    ).fetchall()
+    ref_of = {row[0]: ref for ref, row in enumerate(rows, start=1)}
+    memories = [
+        {
+            "ref": ref_of[row[0]],
+            "kind": row[1],
+            "text": row[2],
+            "importance": row[3],
+            "at": row[4],
+            "created_at": row[5],
+            "state": row[6],
+            "superseded_by": ref_of.get(row[7]) if row[7] is not None else None,
+            "pinned": bool(row[8]),
+            "speaker": row[9],
+            "role": row[10],
+            "meta": json.loads(row[11]),
+            "sources": sorted(sources.get(row[0], [])),
+        }
+        for row in rows
+    ]
+    summaries = [
+        {
+            "text": s.text,
+            "created_at": s.created_at,
+            "covers_until_seq": s.covers_until_seq,
+            "state": s.state,
+            "meta": s.meta,
+        }
+        for s in reversed(scope_state.list_summaries(conn, scope_id, limit=1_000_000))
+    ]
+    style = scope_state.get_style(conn, scope_id)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "scope": {
+            "name": scope.name,
+            "label": scope.label,
+            "created_at": scope.created_at,
+            "last_seen": scope.last_seen,
+            "settings": scope.settings,
+        },
+        "messages": messages,
+        "memories": memories,
+        "summaries": summaries,
+        "style": None
+        if style is None
+        else {
+            "text": style.text,
+            "message_seq": seq_of.get(style.message_id) if style.message_id else None,
+            "source": style.source,
+            "enabled": style.enabled,
+            "updated_at": style.updated_at,
+        },
+    }
+
+
+def import_scope(
+    conn: Connection, scope_id: int, doc: dict[str, Any], *, append: bool, now: float
+) -> dict[str, Any]:
+    """Restore a scope document into the scope (one transaction); return what was added.
+
+    ``doc`` has the document's shape (the route validated it); references inside it
+    (sources, ``superseded_by``, the style's message) are checked here. Into an empty
+    scope everything is restored as it was, dates and settings included. With
+    ``append``, the document's chats become new threads after the scope's own
+    messages, and the scope keeps its own summary, style sample and settings.
+    """
+    if _get(doc, "format", FORMAT) != FORMAT or _get(doc, "version", VERSION) != VERSION:
+        raise ValueError(
+            f"not a {FORMAT} document of version {VERSION} "
+            f"(format {doc.get('format')!r}, version {doc.get('version')!r})"
+        )
+    if has_messages(conn, scope_id) and not append:
+        raise Refused(_not_empty())
+    fresh = _is_empty(conn, scope_id)
+    seq_offset, thread_offset = _offsets(conn, scope_id)
+    message_ids = _restore_messages(conn, scope_id, doc.get("messages") or [], seq_offset, now)
+    memory_ids = _restore_memories(conn, scope_id, doc.get("memories") or [], message_ids, now)
+    if thread_offset:
+        conn.execute(
+            "UPDATE messages SET thread = thread + ? WHERE scope_id = ? AND seq > ?",
+            (thread_offset, scope_id, seq_offset),
+        )
+    kept: list[str] = []
+    summaries = doc.get("summaries") or []
+    had_summary = scope_state.current_summary(conn, scope_id) is not None
+    if had_summary and any(_get(s, "state", "active") == "active" for s in summaries):
+        kept.append("summary")
+    has_summary = had_summary
+    for summary in summaries:
+        state = _get(summary, "state", "active")
+        if state == "active" and has_summary:
+            state = "archived"  # one active summary: the scope's own, or the first
+        conn.execute(
+            "INSERT INTO summaries (scope_id, text, created_at, covers_until_seq, state, meta)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                scope_id,
+                summary["text"],
+                _get(summary, "created_at", now),
+                _get(summary, "covers_until_seq", 0) + seq_offset,
+                state,
+                json.dumps(summary.get("meta") or {}, ensure_ascii=False),
+            ),
+        )
+        has_summary = has_summary or state == "active"
+    style = doc.get("style")
+    if style is not None:
+        if scope_state.get_style(conn, scope_id) is not None:
+            kept.append("style")
+        else:
+            seq = style.get("message_seq")
+            if seq is not None and seq not in message_ids:
+                raise ValueError(f"style.message_seq {seq} is not a message of the document")
+            conn.execute(
+                "INSERT INTO style (scope_id, text, message_id, source, enabled, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    scope_id,
+                    style["text"],
+                    message_ids.get(seq) if seq is not None else None,
+                    _get(style, "source", "manual"),
+                    int(_get(style, "enabled", True)),
+                    _get(style, "updated_at", now),
+                ),
+            )
+    scope = doc.get("scope") or {}
+    if fresh:
+        conn.execute(
+            "UPDATE scopes SET label = coalesce(?, label), created_at = ?, last_seen = ?,"
+            " settings = ? WHERE id = ?",
+            (
+                scope.get("label"),
+                _get(scope, "created_at", now),
+                _get(scope, "last_seen", now),
+                json.dumps(scope.get("settings") or {}),
+                scope_id,
+            ),
+        )
+    elif scope.get("label"):
+        conn.execute(
+            "UPDATE scopes SET label = ? WHERE id = ? AND label IS NULL",
+            (scope["label"], scope_id),
+        )
+    memories = doc.get("memories") or []
+    active = [
+        memory_ids[ref]
+        for ref, m in zip(_refs(memories), memories, strict=True)
+        if _get(m, "state", "active") == "active"
+    ]
+    if active:
+        jobs.enqueue(conn, EMBED_JOB, {"memory_ids": active}, scope_id, now)
+    return {
+        "messages": len(message_ids),
+        "memories": len(memory_ids),
+        "summaries": len(summaries),
+        "style": style is not None and "style" not in kept,
+        "kept_existing": kept,
+    }
+
+
+def _restore_messages(
+    conn: Connection,
+    scope_id: int,
+    messages: Sequence[dict[str, Any]],
+    seq_offset: int,
+    now: float,
+) -> dict[int, int]:
+    """Insert the document's messages as they were; return {document seq: new id}."""
+    ids: dict[int, int] = {}
+    for position, message in enumerate(messages, start=1):
+        seq = _get(message, "seq", position)
+        if seq in ids:
+            raise ValueError(f"message seq {seq} appears twice in the document")
+        raw = message.get("raw") or {"role": message["role"], "content": message["content"]}
+        state = _get(message, "state", "active")
+        ids[seq] = conn.execute(
+            "INSERT INTO messages (scope_id, seq, role, speaker, content, raw, fingerprint,"
+            " seen_at, state, request_id, undone_at, thread)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                scope_id,
+                seq + seq_offset,
+                message["role"],
+                message.get("speaker"),
+                message["content"],
+                json.dumps(raw, ensure_ascii=False),
+                message.get("fingerprint") or message_fingerprint(raw),
+                _get(message, "seen_at", now),
+                state,
+                message.get("request_id"),
+                _get(message, "undone_at", now if state == "undone" else None),
+                _get(message, "thread", 0),
+            ),
+        ).lastrowid
+    return ids
+
+
+def _restore_memories(
+    conn: Connection,
+    scope_id: int,
+    memories: Sequence[dict[str, Any]],
+    message_ids: dict[int, int],
+    now: float,
+) -> dict[int, int]:
+    """Insert the document's memories with their states; return {ref: new id}."""
+    ids: dict[int, int] = {}
+    refs = _refs(memories)
+    for ref, memory in zip(refs, memories, strict=True):
+        if ref in ids:
+            raise ValueError(f"memory ref {ref} appears twice in the document")
+        missing = [s for s in memory.get("sources") or () if s not in message_ids]
+        if missing:
+            raise ValueError(f"memory {ref}'s sources {missing} are not messages of the document")
+        (ids[ref],) = records.insert_memories(
+            conn,
+            [
+                records.NewMemory(
+                    scope_id=scope_id,
+                    kind=memory["kind"],
+                    text=memory["text"],
+                    at=_get(memory, "at", now),
+                    importance=_get(memory, "importance", 0.5),
+                    speaker=memory.get("speaker"),
+                    role=memory.get("role"),
+                    pinned=_get(memory, "pinned", False),
+                    sources=[message_ids[s] for s in memory.get("sources") or ()],
+                    meta=memory.get("meta") or {},
+                )
+            ],
+            _get(memory, "created_at", now),
+        )
+    for ref, memory in zip(refs, memories, strict=True):
+        state, later = _get(memory, "state", "active"), memory.get("superseded_by")
+        if later is not None and later not in ids:
+            raise ValueError(f"memory {ref} is superseded by {later}, not in the document")
+        if state != "active" or later is not None:
+            conn.execute(
+                "UPDATE memories SET state = ?, superseded_by = ? WHERE id = ?",
+                (state, ids.get(later) if later is not None else None, ids[ref]),
+            )
+    return ids
+
+
+def _get(item: dict[str, Any], key: str, default: Any) -> Any:
+    """``item[key]``, or ``default`` when it is missing or null (a hand-written document
+    may leave out what an export always has)."""
+    value = item.get(key)
+    return default if value is None else value
+
+
+def _refs(memories: Sequence[dict[str, Any]]) -> list[int]:
+    """Each memory's ref: as given, else its position (from 1)."""
+    return [m.get("ref") or position for position, m in enumerate(memories, start=1)]
+
+
+def _is_empty(conn: Connection, scope_id: int) -> bool:
+    """No messages, memories, summaries, style sample or settings: a new scope."""
+    for table in ("messages", "memories", "summaries", "style"):
+        if conn.execute(
+            f"SELECT 1 FROM {table} WHERE scope_id = ? LIMIT 1", (scope_id,)
+        ).fetchone():
+            return False
+    row = conn.execute("SELECT settings FROM scopes WHERE id = ?", (scope_id,)).fetchone()
+    return row is not None and not json.loads(row[0])
+
+
+def _offsets(conn: Connection, scope_id: int) -> tuple[int, int]:
+    """Where appended messages start: after the last seq, in threads after the last one."""
+    last_seq, last_thread, count = conn.execute(
+        "SELECT coalesce(max(seq), 0), coalesce(max(thread), 0), count(*) FROM messages"
+        " WHERE scope_id = ?",
+        (scope_id,),
+    ).fetchone()
+    return last_seq, (last_thread + 1 if count else 0)
+
+
+def _not_empty() -> str:
+    return (
+        "this scope already has messages; import into a new scope, or append to this one "
+        "(append=true, or --append) to add the import as another chat"
+    )
+
+
+# -- chats ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a chat to import."""
+
+    role: str  # user | assistant | system
+    content: str
+    name: str | None = None  # the speaker, when known
+    date: float | None = None  # unix seconds; None: the previous message's date
+
+
+def append_chat(
+    conn: Connection,
+    scope_id: int,
+    messages: Sequence[ChatMessage],
+    *,
+    thread: int | None,
+    append: bool,
+    now: float,
+    char: str | None = None,
+    user: str | None = None,
+) -> dict[str, Any]:
+    """Append a batch of a chat (one write transaction) through the live write path.
+
+    ``thread=None`` starts a new chat (refused in a scope with messages unless
+    ``append``); later batches of the same chat pass the thread the first one got.
+    A message without a date gets the previous one's (else ``now``).
+    """
+    if thread is None:
+        if not append and has_messages(conn, scope_id):
+            raise Refused(_not_empty())
+        thread = records.new_thread(conn, scope_id)
+    elif not conn.execute(
+        "SELECT 1 FROM messages WHERE scope_id = ? AND thread = ? LIMIT 1", (scope_id, thread)
+    ).fetchone():
+        raise LookupError(f"no chat (thread) {thread} in this scope")
+    rows = []
+    date = None
+    for message in messages:
+        date = message.date if message.date is not None else (date or now)
+        body = {"role": message.role, "content": message.content}
+        row = new_message(body, seen_at=date, char=char, user=user)
+        if message.name:
+            row = replace(row, speaker=message.name)
+        rows.append(row)
+    ids, memory_ids = store_messages(conn, scope_id, rows, thread=thread, request_id=None, now=now)
+    _capture_style(conn, scope_id, now)
+    return {"thread": thread, "messages": len(ids), "memories": len(memory_ids)}
+
+
+async def import_chat(
+    store: Store,
+    scope_id: int,
+    chat: ParsedChat,
+    *,
+    append: bool,
+    now: float,
+    batch: int = BATCH,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Import a parsed SillyTavern chat as a new chat of the scope, ``batch`` messages
+    per write; ``progress(done, total)`` after each. Lines that could not be read are
+    reported, not imported; the rest is."""
+    date = chat.created
+    messages = []
+    for m in chat.messages:
+        date = m.date if m.date is not None else date
+        messages.append(ChatMessage(m.role, m.text, m.name, date))
+    total = len(messages)
+    thread: int | None = None
+    stored = 0
+    memories = 0
+    for start in range(0, total, batch):
+        result = await store.write(
+            append_chat,
+            scope_id,
+            messages[start : start + batch],
+            thread=thread,
+            append=append,
+            now=now,
+            char=chat.character_name,
+            user=chat.user_name,
+        )
+        thread = result["thread"]
+        stored += result["messages"]
+        memories += result["memories"]
+        if progress is not None:
+            progress(stored, total)
+    return {
+        "thread": thread,
+        "messages": stored,
+        "memories": memories,
+        "character_name": chat.character_name,
+        "user_name": chat.user_name,
+        "errors": [{"line": e.line, "message": e.message} for e in chat.errors],
+        "warnings": [{"line": w.line, "message": w.message} for w in chat.warnings],
+    }
+
+
+def _capture_style(conn: Connection, scope_id: int, now: float) -> None:
+    """As a live turn does: the scope's first assistant message becomes its style sample."""
+    if scope_state.get_style(conn, scope_id) is not None:
+        return
+    row = conn.execute(
+        "SELECT id, content FROM messages WHERE scope_id = ? AND role = 'assistant'"
+        " AND state = 'active' AND trim(content) != '' ORDER BY seq LIMIT 1",
+        (scope_id,),
+    ).fetchone()
+    if row:
+        scope_state.set_style(conn, scope_id, row[1], "auto", now, message_id=row[0])
+
+
+# -- character cards ------------------------------------------------------------------
+
+_START = re.compile(r"^\s*<START>\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def apply_card(
+    conn: Connection, scope_id: int, card: Card, *, append: bool, now: float
+) -> dict[str, Any]:
+    """Make a card the scope's scene, style sample and notes (one transaction).
+
+    Scene: ``character`` = description (+ personality), ``location`` = scenario,
+    ``char_name`` = the card's name. Style sample: ``first_mes``, then ``mes_example``
+    (both show how the character speaks; the style section is cut to its cap where
+    a pinned note that is too long would be left out whole). Notes: the enabled
+    lorebook entries, pinned when ``constant``. {{char}} and {{user}} are replaced
+    (the user's name from the scene, else "the user").
+    """
+    if not append and has_messages(conn, scope_id):
+        raise Refused(_not_empty())
+    row = conn.execute("SELECT settings, label FROM scopes WHERE id = ?", (scope_id,)).fetchone()
+    settings = json.loads(row[0])
+    char = card.nickname or card.name
+    user = scene_view(settings).get("user_name") or "the user"
+
+    def text(value: str) -> str:
+        return card_placeholders(value, char, user).strip()
+
+    scene = scene_view(settings)
+    character = text(card.description)
+    if card.personality.strip():
+        personality = text(card.personality)
+        character = f"{character}\n{char}'s personality: {personality}".strip()
+    updates = {"character": character, "location": text(card.scenario), "char_name": char}
+    for key, value in updates.items():
+        if value:
+            scene[key] = value
+    records.update_scope_settings(conn, scope_id, {"scene": scene})
+    if row[1] is None:
+        conn.execute("UPDATE scopes SET label = ? WHERE id = ?", (card.name, scope_id))
+
+    examples = _START.sub("", text(card.mes_example)).strip()
+    sample = "\n\n".join(part for part in (text(card.first_mes), examples) if part)
+    if sample:
+        set_style(conn, scope_id, sample, now=now)
+    notes = [
+        records.NewMemory(
+            scope_id=scope_id,
+            kind="note",
+            text=text(entry.content),
+            at=now,
+            importance=0.6,
+            pinned=entry.constant,
+            meta={
+                "source": "card",
+                "card": card.name,
+                "keys": entry.keys,
+                "comment": entry.comment,
+            },
+        )
+        for entry in card.book
+        if entry.enabled and entry.content.strip()
+    ]
+    note_ids = records.insert_memories(conn, notes, now)
+    if note_ids:
+        jobs.enqueue(conn, EMBED_JOB, {"memory_ids": note_ids}, scope_id, now)
+    return {
+        "name": card.name,
+        "spec": card.spec,
+        "scene": scene_view({"scene": scene}),
+        "style_sample": bool(sample),
+        "notes": len(note_ids),
+        "pinned_notes": sum(n.pinned for n in notes),
+        "warnings": list(card.warnings),
+    }

@@ -1,0 +1,916 @@
+"""/memory: see and steer what the proxy remembers (JSON over HTTP).
+
+Every endpoint is one `Operation` in `OPERATIONS` (method, path, handler, shapes);
+`routes()` turns them into Starlette routes and `openapi.openapi_document` into the
+description served at /memory/openapi.json. The work itself is in
+`proxy.memory.manage` and `proxy.memory.exchange`.
+
+Scopes are addressed by name within the caller's owner (its key); an admin key may
+name another owner with `?owner=`. A scope of another key answers 404 exactly as a
+scope that does not exist, so that existence never leaks. After every change the chat
+path's caches of that scope are dropped (`Remember.forget_scope`).
+
+The same routes serve the CLI's direct mode: `standalone_app` mounts them over a
+store opened from the file, with a fixed caller and no running proxy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from proxy.errors import (
+    BadRequest,
+    Conflict,
+    InvalidScopeName,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    ServiceUnavailable,
+    error_envelope,
+)
+from proxy.memory import exchange, manage, records
+from proxy.memory.embed import CachedEmbedder
+from proxy.memory.importers import CardError, parse_card, parse_chat
+from proxy.memory.manage import Housekeeping
+from proxy.memory.rank import Weights
+from proxy.memory.records import ScopeRow
+from proxy.memory.scope import InvalidScope, validate_scope_name
+from proxy.memory.store import Store
+from proxy.memory.worker import Worker
+from proxy.metrics import Metrics
+from proxy.routes import openapi as api
+from proxy.routes.auth import Identity
+from proxy.routes.openapi import Operation
+from proxy.routes.remember import Remember
+from proxy.settings import Settings
+
+log = logging.getLogger("mnemoproxy.memory_api")
+
+API_VERSION = "1"
+# A scope document or a chat file may be far larger than a chat request.
+IMPORT_BODY_BYTES = 512 * 1024 * 1024
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class MemoryService:
+    """What the memory API works with: the store, recall's settings, the chat path's
+    caches and worker, and (in the CLI's direct mode) a fixed caller."""
+
+    store: Store
+    weights: Weights
+    candidates: int
+    embedder: CachedEmbedder | None = None
+    forget: Callable[[str | None, int | None], None] = lambda owner, scope_id: None
+    wake: Callable[[], None] = lambda: None
+    identity: Identity | None = None  # None: ask the proxy's Auth
+    max_body_bytes: int = 32 * 1024 * 1024
+
+    @classmethod
+    def of(cls, remember: Remember, max_body_bytes: int) -> MemoryService:
+        """The service over a running proxy's memory layer."""
+        return cls(
+            store=remember.store,
+            weights=remember.weights,
+            candidates=remember.settings.recall.candidates,
+            embedder=remember.embedder,
+            forget=remember.forget_scope,
+            wake=remember.worker.wake,
+            max_body_bytes=max_body_bytes,
+        )
+
+
+@dataclass
+class Call:
+    """One API call, parsed: who calls, on what, with which parameters."""
+
+    service: MemoryService
+    identity: Identity
+    owner: str | None  # whose scopes names refer to; None: nobody's (a non-admin's ?owner=)
+    params: dict[str, Any]
+    query: Any
+    body: Any
+    now: float
+
+    async def scope(self, *, create: bool = False) -> ScopeRow:
+        """The scope named in the path, of the caller's owner (404 if none; with
+        `create`, made when missing)."""
+        name = self.params["scope"]
+        try:
+            validate_scope_name(name)
+        except InvalidScope as exc:
+            raise InvalidScopeName(str(exc), param="scope") from exc
+        store = self.service.store
+        row = None if self.owner is None else await store.read(records.get_scope, self.owner, name)
+        if row is None and create and self.owner is not None:
+            row = await store.write(records.get_or_create_scope, self.owner, name, None, self.now)
+        if row is None:
+            raise NotFound(f"no scope named {name!r}", param="scope")
+        return row
+
+    async def read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(conn, ...)` on a reader thread."""
+        return await self.service.store.read(fn, *args, **kwargs)
+
+    async def write(self, scope: ScopeRow, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run `fn(conn, ...)` on the writer, then drop the chat path's caches of `scope`
+        (even when it failed: part of it may have been written)."""
+        try:
+            return await self.service.store.write(fn, *args, **kw)
+        finally:
+            self.service.forget(None, scope.id)
+
+
+# -- scopes ------------------------------------------------------------------------------
+
+
+async def list_scopes(call: Call) -> Any:
+    if not call.identity.admin:
+        owner: str | None = call.identity.owner
+        if call.query.owner not in (None, owner):
+            return {"scopes": []}
+    else:
+        owner = call.query.owner
+    return {"scopes": await call.read(manage.scope_views, owner)}
+
+
+async def create_scope(call: Call) -> Any:
+    name = _scope_name(call.body.name, "name")
+    if call.owner is None:
+        raise NotFound("no such owner", param="owner")
+    return await call.service.store.write(
+        manage.create_scope, call.owner, name, call.body.label, call.now
+    )
+
+
+async def show_scope(call: Call) -> Any:
+    scope = await call.scope()
+    return await call.read(manage.scope_view, scope)
+
+
+async def patch_scope(call: Call) -> Any:
+    scope = await call.scope()
+    name = _scope_name(call.body.name, "name") if call.body.name is not None else None
+    row = await call.write(scope, manage.rename_scope, scope.id, name, call.body.label)
+    return await call.read(manage.scope_view, row)
+
+
+async def delete_scope(call: Call) -> Any:
+    scope = await call.scope()
+    await call.write(scope, manage.delete_scope, scope.id)
+
+
+async def get_settings(call: Call) -> Any:
+    scope = await call.scope()
+    return manage.settings_view(scope.settings)
+
+
+async def patch_settings(call: Call) -> Any:
+    scope = await call.scope()
+    changes = call.body.model_dump(exclude_none=True)
+    return await call.write(scope, manage.update_settings, scope.id, changes)
+
+
+async def get_scene(call: Call) -> Any:
+    scope = await call.scope()
+    return manage.scene_view(scope.settings)
+
+
+async def put_scene(call: Call) -> Any:
+    scope = await call.scope()
+    values = call.body.model_dump(exclude_none=True)
+    return await call.write(scope, manage.set_scene, scope.id, values, replace=True)
+
+
+async def patch_scene(call: Call) -> Any:
+    scope = await call.scope()
+    values = call.body.model_dump(exclude_unset=True)
+    return await call.write(scope, manage.set_scene, scope.id, values, replace=False)
+
+
+async def delete_scene(call: Call) -> Any:
+    scope = await call.scope()
+    await call.write(scope, manage.set_scene, scope.id, {}, replace=True)
+
+
+# -- transcript ----------------------------------------------------------------------
+
+
+async def get_transcript(call: Call) -> Any:
+    scope = await call.scope()
+    q = call.query
+    states = _choices(q.state, ("active", "partial", "undone"), "state") or (
+        "active",
+        "partial",
+        "undone",
+    )
+    return await call.read(
+        manage.transcript,
+        scope.id,
+        states=states,
+        thread=q.thread,
+        after_seq=q.after,
+        limit=q.limit,
+        raw=q.raw,
+    )
+
+
+async def append_transcript(call: Call) -> Any:
+    body = call.body
+    scope = await call.scope(create=True)
+    messages = [exchange.ChatMessage(m.role, m.content, m.name, m.date) for m in body.messages]
+    result = await call.write(
+        scope,
+        exchange.append_chat,
+        scope.id,
+        messages,
+        thread=body.thread,
+        append=body.append,
+        now=call.now,
+        char=body.char_name,
+        user=body.user_name,
+    )
+    call.service.wake()
+    return result
+
+
+# -- memories ----------------------------------------------------------------------------
+
+
+async def list_memories(call: Call) -> Any:
+    scope = await call.scope()
+    q = call.query
+    kinds = _choices(q.kind, records.MEMORY_KINDS, "kind")
+    states = (
+        manage.MEMORY_STATES
+        if q.state.strip() == "all"
+        else _choices(q.state, manage.MEMORY_STATES, "state") or ("active",)
+    )
+    return await call.read(
+        manage.list_memories,
+        scope.id,
+        kinds=kinds,
+        states=states,
+        since=_date(q.since, "since") if q.since else None,
+        pinned=q.pinned,
+        before_id=q.before,
+        limit=q.limit,
+    )
+
+
+async def add_memory(call: Call) -> Any:
+    scope = await call.scope()
+    b = call.body
+    result = await call.write(
+        scope,
+        manage.add_note,
+        scope.id,
+        b.text,
+        now=call.now,
+        importance=b.importance,
+        pinned=b.pinned,
+    )
+    call.service.wake()
+    return result
+
+
+async def search_memories(call: Call) -> Any:
+    scope = await call.scope()
+    q = call.query
+    weights = call.service.weights
+    if q.min_score is not None:
+        weights = replace(weights, min_score=q.min_score)
+    return await manage.search(
+        call.service.store,
+        scope.id,
+        q.q,
+        embedder=call.service.embedder,
+        weights=weights,
+        candidates=max(call.service.candidates, q.limit),
+        limit=q.limit,
+        now=call.now,
+    )
+
+
+async def get_memory(call: Call) -> Any:
+    scope = await call.scope()
+    return await call.read(manage.get_memory, scope.id, call.params["memory_id"])
+
+
+async def patch_memory(call: Call) -> Any:
+    scope = await call.scope()
+    b = call.body
+    result = await call.write(
+        scope,
+        manage.edit_memory,
+        scope.id,
+        call.params["memory_id"],
+        now=call.now,
+        text=b.text,
+        importance=b.importance,
+        pinned=b.pinned,
+    )
+    call.service.wake()
+    return result
+
+
+async def delete_memory(call: Call) -> Any:
+    scope = await call.scope()
+    await call.write(scope, manage.delete_memory, scope.id, call.params["memory_id"])
+
+
+# -- summary and style ----------------------------------------------------------------
+
+
+async def get_summary(call: Call) -> Any:
+    scope = await call.scope()
+    return await call.read(manage.get_summary, scope.id)
+
+
+async def put_summary(call: Call) -> Any:
+    scope = await call.scope()
+    b = call.body
+    return await call.write(
+        scope,
+        manage.set_summary,
+        scope.id,
+        b.text,
+        now=call.now,
+        covers_until_seq=b.covers_until_seq,
+    )
+
+
+async def delete_summary(call: Call) -> Any:
+    scope = await call.scope()
+    await call.write(scope, manage.clear_summary, scope.id)
+
+
+async def summary_history(call: Call) -> Any:
+    scope = await call.scope()
+    return await call.read(manage.summary_history, scope.id)
+
+
+async def get_style(call: Call) -> Any:
+    scope = await call.scope()
+    return await call.read(manage.get_style, scope.id)
+
+
+async def put_style(call: Call) -> Any:
+    scope = await call.scope()
+    return await call.write(scope, manage.set_style, scope.id, call.body.text, now=call.now)
+
+
+async def delete_style(call: Call) -> Any:
+    scope = await call.scope()
+    await call.write(scope, manage.clear_style, scope.id, now=call.now)
+
+
+async def style_history(call: Call) -> Any:
+    scope = await call.scope()
+    return await call.read(manage.style_history, scope.id)
+
+
+# -- request log ------------------------------------------------------------------------
+
+
+async def list_requests(call: Call) -> Any:
+    scope = await call.scope()
+    q = call.query
+    return await call.read(manage.list_requests, scope.id, before=q.before, limit=q.limit)
+
+
+async def get_request(call: Call) -> Any:
+    request_id = call.params["request_id"]
+    if call.owner is None:
+        raise NotFound(f"no logged request {request_id!r}")
+    # An admin sees every request unless it named an owner.
+    owner = None if call.identity.admin and call.query.owner is None else call.owner
+    return await call.read(manage.get_request, owner, request_id)
+
+
+# -- export and import ------------------------------------------------------------------
+
+
+async def export_scope(call: Call) -> Any:
+    scope = await call.scope()
+    return await call.read(exchange.export_scope, scope.id)
+
+
+async def import_scope(call: Call) -> Any:
+    doc = call.body.model_dump()
+    scope = await call.scope(create=True)
+    result = await call.write(
+        scope, exchange.import_scope, scope.id, doc, append=call.query.append, now=call.now
+    )
+    call.service.wake()
+    return result
+
+
+async def import_sillytavern(call: Call) -> Any:
+    chat = parse_chat(call.body.splitlines())
+    if not chat.messages:
+        problems = "; ".join(f"line {e.line}: {e.message}" for e in chat.errors[:5])
+        raise BadRequest(
+            "no message could be read from the chat file"
+            + (f" ({problems})" if problems else ": it holds no messages")
+        )
+    scope = await call.scope(create=True)
+    try:
+        result = await exchange.import_chat(
+            call.service.store, scope.id, chat, append=call.query.append, now=call.now
+        )
+    finally:
+        call.service.forget(None, scope.id)
+    if scope.label is None and chat.character_name:
+        await call.write(scope, records.rename_scope, scope.id, label=chat.character_name)
+    call.service.wake()
+    return result
+
+
+async def import_card(call: Call) -> Any:
+    try:
+        card = parse_card(call.body, call.query.filename)
+    except CardError as exc:
+        raise BadRequest(f"not a usable character card: {exc}") from exc
+    scope = await call.scope(create=True)
+    result = await call.write(
+        scope, exchange.apply_card, scope.id, card, append=call.query.append, now=call.now
+    )
+    call.service.wake()
+    return result
+
+
+# -- the table --------------------------------------------------------------------------
+
+_S = "/scopes/{scope}"
+_CONFLICT = (400, 401, 404, 409, 503)
+_UPLOAD = (400, 401, 404, 409, 413, 503)
+_Q = api.OwnerQuery
+
+OPERATIONS: list[Operation] = [
+    Operation("GET", "/scopes", list_scopes, "List scopes", "scopes", _Q, response=api.ScopeList),
+    Operation(
+        "POST",
+        "/scopes",
+        create_scope,
+        "Create an empty scope (to set its scene before the first chat)",
+        "scopes",
+        _Q,
+        api.ScopeCreate,
+        response=api.ScopeOut,
+        status=201,
+        errors=_CONFLICT,
+    ),
+    Operation("GET", _S, show_scope, "Show a scope", "scopes", _Q, response=api.ScopeOut),
+    Operation(
+        "PATCH",
+        _S,
+        patch_scope,
+        "Rename a scope or change its label",
+        "scopes",
+        _Q,
+        api.ScopePatch,
+        response=api.ScopeOut,
+        errors=_CONFLICT,
+    ),
+    Operation(
+        "DELETE", _S, delete_scope, "Delete a scope with everything in it", "scopes", _Q, status=204
+    ),
+    Operation(
+        "GET", f"{_S}/settings", get_settings, "Scope settings", "scopes", _Q, response=api.Switches
+    ),
+    Operation(
+        "PATCH",
+        f"{_S}/settings",
+        patch_settings,
+        "Turn memory or the style sample on or off for a scope",
+        "scopes",
+        _Q,
+        api.SettingsPatch,
+        response=api.Switches,
+    ),
+    Operation("GET", f"{_S}/scene", get_scene, "The scene", "scene", _Q, response=api.Scene),
+    Operation(
+        "PUT", f"{_S}/scene", put_scene, "Replace the scene", "scene", _Q, api.SceneIn, api.Scene
+    ),
+    Operation(
+        "PATCH",
+        f"{_S}/scene",
+        patch_scene,
+        "Change parts of the scene (null removes one)",
+        "scene",
+        _Q,
+        api.SceneIn,
+        api.Scene,
+    ),
+    Operation("DELETE", f"{_S}/scene", delete_scene, "Clear the scene", "scene", _Q, status=204),
+    Operation(
+        "GET",
+        f"{_S}/transcript",
+        get_transcript,
+        "The messages as stored, with state and chat (thread)",
+        "transcript",
+        api.TranscriptQuery,
+        response=api.Transcript,
+    ),
+    Operation(
+        "POST",
+        f"{_S}/transcript",
+        append_transcript,
+        "Import chat messages (a batch; later batches name the first one's thread)",
+        "import",
+        _Q,
+        api.TranscriptAppend,
+        response=api.AppendResult,
+        errors=_CONFLICT,
+    ),
+    Operation(
+        "GET",
+        f"{_S}/memories",
+        list_memories,
+        "List memories (filters: kind, state, since, pinned)",
+        "memories",
+        api.MemoriesQuery,
+        response=api.MemoryList,
+    ),
+    Operation(
+        "POST",
+        f"{_S}/memories",
+        add_memory,
+        "Add a note by hand (pinned: shown on every turn)",
+        "memories",
+        _Q,
+        api.NoteIn,
+        response=api.MemoryOut,
+        status=201,
+    ),
+    Operation(
+        "GET",
+        f"{_S}/memories/search",
+        search_memories,
+        "Search as recall does, with scores and their components",
+        "memories",
+        api.SearchQuery,
+        response=api.SearchResult,
+    ),
+    Operation(
+        "GET",
+        f"{_S}/memories/{{memory_id}}",
+        get_memory,
+        "Show a memory",
+        "memories",
+        _Q,
+        response=api.MemoryOut,
+    ),
+    Operation(
+        "PATCH",
+        f"{_S}/memories/{{memory_id}}",
+        patch_memory,
+        "Edit a memory (re-embedded), its importance, or pin it",
+        "memories",
+        _Q,
+        api.MemoryPatch,
+        response=api.MemoryOut,
+        errors=_CONFLICT,
+    ),
+    Operation(
+        "DELETE",
+        f"{_S}/memories/{{memory_id}}",
+        delete_memory,
+        "Delete a memory",
+        "memories",
+        _Q,
+        status=204,
+    ),
+    Operation(
+        "GET",
+        f"{_S}/summary",
+        get_summary,
+        "The rolling summary",
+        "summary",
+        _Q,
+        response=api.SummaryCurrent,
+    ),
+    Operation(
+        "PUT",
+        f"{_S}/summary",
+        put_summary,
+        "Replace the rolling summary",
+        "summary",
+        _Q,
+        api.SummaryIn,
+        api.SummaryCurrent,
+    ),
+    Operation(
+        "DELETE", f"{_S}/summary", delete_summary, "Clear the summary", "summary", _Q, status=204
+    ),
+    Operation(
+        "GET",
+        f"{_S}/summary/history",
+        summary_history,
+        "Every version of the summary",
+        "summary",
+        _Q,
+        response=api.SummaryHistory,
+    ),
+    Operation(
+        "GET", f"{_S}/style", get_style, "The style sample", "style", _Q, response=api.StyleCurrent
+    ),
+    Operation(
+        "PUT",
+        f"{_S}/style",
+        put_style,
+        "Replace the style sample",
+        "style",
+        _Q,
+        api.StyleIn,
+        api.StyleCurrent,
+    ),
+    Operation(
+        "DELETE", f"{_S}/style", delete_style, "Clear the style sample", "style", _Q, status=204
+    ),
+    Operation(
+        "GET",
+        f"{_S}/style/history",
+        style_history,
+        "Earlier style samples",
+        "style",
+        _Q,
+        response=api.StyleHistory,
+    ),
+    Operation(
+        "GET",
+        f"{_S}/requests",
+        list_requests,
+        "The request log of a scope, newest first",
+        "requests",
+        api.RequestsQuery,
+        response=api.RequestList,
+    ),
+    Operation(
+        "GET",
+        "/requests/{request_id}",
+        get_request,
+        "What was sent upstream for a request (X-Memory-Request-Id) and why",
+        "requests",
+        _Q,
+        response=api.RequestOut,
+    ),
+    Operation(
+        "GET",
+        f"{_S}/export",
+        export_scope,
+        "Export a scope as one JSON document",
+        "import",
+        _Q,
+        response=api.ScopeDocument,
+    ),
+    Operation(
+        "POST",
+        f"{_S}/import",
+        import_scope,
+        "Import a scope document (created if missing)",
+        "import",
+        api.ImportQuery,
+        api.ScopeDocument,
+        response=api.ImportResult,
+        errors=_UPLOAD,
+    ),
+    Operation(
+        "POST",
+        f"{_S}/import/sillytavern",
+        import_sillytavern,
+        "Import a SillyTavern chat file (.jsonl) as a new chat of the scope",
+        "import",
+        api.ImportQuery,
+        raw_body=("application/x-ndjson", "text/plain", "application/octet-stream"),
+        response=api.ChatImportResult,
+        errors=_UPLOAD,
+    ),
+    Operation(
+        "POST",
+        f"{_S}/import/card",
+        import_card,
+        "Import a character card (PNG or JSON, V1-V3): scene, style sample, notes",
+        "import",
+        api.CardQuery,
+        raw_body=("image/png", "application/json", "application/octet-stream"),
+        response=api.CardResult,
+        errors=_UPLOAD,
+    ),
+]
+
+
+# -- plumbing --------------------------------------------------------------------------
+
+
+def routes() -> list[BaseRoute]:
+    """The memory API's routes, to mount at /memory."""
+    out: list[BaseRoute] = [Route("/openapi.json", openapi_json, methods=["GET"])]
+    for op in OPERATIONS:
+        path = op.path.replace("{memory_id}", "{memory_id:int}")
+        out.append(Route(path, _endpoint(op), methods=[op.method], name=op.handler.__name__))
+    return out
+
+
+_DOCUMENT: dict[str, Any] = {}
+
+
+async def openapi_json(request: Request) -> JSONResponse:
+    """The OpenAPI description of the memory API (no key needed)."""
+    if not _DOCUMENT:
+        _DOCUMENT.update(api.openapi_document(OPERATIONS, version=API_VERSION))
+    return JSONResponse(_DOCUMENT)
+
+
+def _endpoint(op: Operation) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            result = await _run(op, request)
+        except ProxyError as exc:
+            return JSONResponse(exc.envelope(), status_code=exc.status)
+        if op.response is None:
+            return Response(status_code=op.status)
+        return JSONResponse(result, status_code=op.status)
+
+    endpoint.__name__ = op.handler.__name__
+    return endpoint
+
+
+async def _run(op: Operation, request: Request) -> Any:
+    service = _service(request)
+    identity = service.identity or request.app.state.proxy.auth.identify(request.headers)
+    query = _model(op.query, dict(request.query_params), "query") if op.query else None
+    params = dict(request.path_params)
+    if "memory_id" in params and not 0 < params["memory_id"] <= api.MAX_ID:
+        raise NotFound(f"no memory {params['memory_id']} in this scope")
+    body: Any = None
+    if op.body is not None or op.raw_body:
+        limit = service.max_body_bytes
+        if op.path.split("/")[-1] in ("import", "sillytavern", "card"):
+            limit = max(limit, IMPORT_BODY_BYTES)
+        raw = await _read_body(request, limit)
+        body = raw if op.raw_body else _model(op.body, _json(raw), "body")
+    requested = getattr(query, "owner", None)
+    call = Call(
+        service=service,
+        identity=identity,
+        owner=_owner(identity, requested),
+        params=params,
+        query=query,
+        body=body,
+        now=time.time(),
+    )
+    try:
+        return await op.handler(call)
+    except manage.Missing as exc:
+        raise NotFound(str(exc)) from exc
+    except manage.Refused as exc:
+        raise Conflict(str(exc)) from exc
+    except LookupError as exc:
+        raise NotFound(str(exc).strip("'\"")) from exc
+    except ValueError as exc:  # bad content found deep down (a document's references)
+        raise BadRequest(str(exc)) from exc
+
+
+def _service(request: Request) -> MemoryService:
+    service = getattr(request.app.state, "memory_service", None)
+    if service is not None:
+        return service
+    state = request.app.state.proxy
+    if not isinstance(state.memory, Remember):
+        raise ServiceUnavailable(
+            "memory is switched off in this proxy ([memory] enabled = false); "
+            "the memory API needs it on"
+        )
+    return MemoryService.of(state.memory, state.max_body_bytes)
+
+
+def _owner(identity: Identity, requested: str | None) -> str | None:
+    """Whose scopes names refer to: the caller's, or (admins only) the one asked for."""
+    if requested is None or requested == identity.owner:
+        return identity.owner
+    return requested if identity.admin else None
+
+
+def _model(model: type[M], data: Any, where: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        param = field or None
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        name = f"{where} field {field!r}" if field else f"the {where}"
+        raise BadRequest(f"{name}: {first['msg']}{more}", param=param) from exc
+
+
+def _json(raw: bytes) -> Any:
+    if not raw.strip():
+        raise BadRequest("the request body is empty; expected a JSON object")
+
+    def reject(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        data = json.loads(raw, parse_constant=reject)
+        # Lone surrogates ("\ud800") decode fine but cannot be stored as UTF-8.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError, RecursionError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+    return data
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _scope_name(name: str, param: str) -> str:
+    try:
+        return validate_scope_name(name)
+    except InvalidScope as exc:
+        raise InvalidScopeName(str(exc), param=param) from exc
+
+
+def _choices(value: str | None, allowed: tuple[str, ...], param: str) -> tuple[str, ...] | None:
+    """A comma-separated list of `allowed` words (None when not given)."""
+    if value is None or not value.strip():
+        return None
+    chosen = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown or not chosen:
+        raise BadRequest(f"{param} must be among {', '.join(allowed)}; got {value!r}", param=param)
+    return chosen
+
+
+def _date(value: str, param: str) -> float:
+    """Unix seconds or an ISO 8601 date (a naive one in the machine's local time)."""
+    with contextlib.suppress(ValueError):
+        number = float(value)
+        if 0 <= number <= api.MAX_DATE:
+            return number
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            parsed = parsed.astimezone()
+        return parsed.timestamp()
+    except (ValueError, OverflowError, OSError) as exc:
+        raise BadRequest(
+            f"{param} must be unix seconds or an ISO 8601 date, not {value!r}", param=param
+        ) from exc
+
+
+# -- direct mode and wiring ------------------------------------------------------------------
+
+
+def standalone_app(service: MemoryService) -> Starlette:
+    """The memory API alone, over `service` (the CLI's direct mode: no proxy running)."""
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        message = f"no such endpoint: {request.method} {request.url.path}"
+        return JSONResponse(error_envelope(message, "not_found_error"), exc.status_code)
+
+    app = Starlette(
+        routes=[Mount("/memory", routes=routes())],
+        exception_handlers={HTTPException: http_error},
+    )
+    app.state.memory_service = service
+    return app
+
+
+async def start_upkeep(
+    settings: Settings, store: Store, worker: Worker, metrics: Metrics
+) -> Callable[[], Awaitable[None]]:
+    """Start the lifespan's housekeeping (request-log retention, job counts for
+    /metrics) and register the job gauges; returns the coroutine that stops it."""
+    cfg = settings.request_log
+    upkeep = Housekeeping(store, keep_days=cfg.keep_days, keep_per_scope=cfg.keep_per_scope)
+    for state in ("pending", "running", "failed"):
+        metrics.gauges[f"jobs_{state}"] = lambda state=state: upkeep.jobs[state]
+    metrics.gauges["worker_failures"] = lambda: worker.failures
+    return await upkeep.start()
