@@ -176,7 +176,7 @@ def _configure(conn: Connection, *, readonly: bool, busy_timeout_ms: int) -> Non
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute(f"PRAGMA cache_size = -{CACHE_SIZE_KIB}")
     conn.execute("PRAGMA temp_store = MEMORY")
-    # Our triggers write to the FTS5 and vec0 virtual tables; a SQLite built with
+    # Our triggers write to the FTS5 virtual table; a SQLite built with
     # trusted_schema off would refuse that. The file is our own, so trust it.
     conn.execute("PRAGMA trusted_schema = ON")
 

@@ -279,7 +279,7 @@ def _live_slots(conn: Connection, pack_ids: list[int]) -> set[tuple[int, int, in
         for pack, slot, memory_id in conn.execute(
             "SELECT e.pack, e.slot, e.memory_id FROM embeddings e"
             " JOIN memories m ON m.id = e.memory_id"
-            f" WHERE e.pack IN ({placeholders(pack_ids)}) AND m.state = 'active'",
+            f" WHERE e.pack IN ({placeholders(pack_ids)}) AND +m.state = 'active'",
             pack_ids,
         )
     }
@@ -439,7 +439,7 @@ def _rescore(
         for memory_id, blob in conn.execute(
             "SELECT e.memory_id, e.vector FROM embeddings e JOIN memories m ON m.id = e.memory_id"
             f" WHERE e.memory_id IN ({placeholders(chunk)})"
-            " AND m.scope_id = ? AND m.state = 'active'",
+            " AND +m.scope_id = ? AND +m.state = 'active'",  # ids first: see placeholders()
             (*chunk, scope_id),
         ):
             found.append(memory_id)
@@ -515,7 +515,7 @@ def keyword_search(conn: Connection, scope_id: int, query_text: str, k: int) -> 
         r[0]
         for r in conn.execute(
             f"SELECT id FROM memories WHERE id IN ({placeholders(ids)})"
-            " AND scope_id = ? AND state = 'active'",
+            " AND +scope_id = ? AND +state = 'active'",
             (*ids, scope_id),
         )
     }
