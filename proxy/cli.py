@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from proxy import cli_memory
 from proxy.config_file import render_config
 from proxy.settings import Settings, SettingsError, load_settings
 from proxy.upstreams.client import UpstreamPool
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check every upstream: reachable, models, context")
     _add_common(doctor)
     doctor.set_defaults(func=cmd_doctor)
+    cli_memory.add_commands(sub)  # scopes, memories, summary, ..., import-chat, import-card
     return parser
 
 

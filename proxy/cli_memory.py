@@ -1,0 +1,752 @@
+"""The memory commands of `mnemoproxy`: scopes, memories, summary, style, scene, requests,
+transcript, export, import, import-chat, import-card.
+
+Every command speaks the memory API (`proxy.routes.memory_api`), either to a running
+proxy (`--url`, default http://127.0.0.1:8765, with `--key` or $MNEMOPROXY_KEY) or, with
+`--db PATH` or when no proxy answers, to the same routes run in-process over the
+database file. So both ways behave alike; only search differs: without the proxy's
+embedding model it is keyword-only (and says so).
+
+Output is for people; `--json` prints the API's JSON for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote
+
+import httpx
+
+from proxy.settings import Settings, load_settings
+
+DEFAULT_URL = "http://127.0.0.1:8765"
+KEY_ENV = "MNEMOPROXY_KEY"
+URL_ENV = "MNEMOPROXY_URL"
+CHAT_BATCH = 250  # messages per request of import-chat (one write transaction each)
+TIMEOUT = 600.0  # an import of a large document may take minutes
+
+
+class CliError(Exception):
+    """A failure to report in one line (exit status 1)."""
+
+
+class Api:
+    """The memory API, reached over HTTP or in-process."""
+
+    def __init__(self, client: httpx.AsyncClient, where: str, owner: str | None, direct: bool):
+        self.client = client
+        self.where = where
+        self.owner = owner
+        self.direct = direct
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        body: Any = None,
+        content: bytes | None = None,
+    ) -> Any:
+        """One call; the JSON answer (None for 204). API errors raise CliError."""
+        query = {k: _param(v) for k, v in (params or {}).items() if v is not None}
+        if self.owner is not None:
+            query["owner"] = self.owner
+        try:
+            response = await self.client.request(
+                method,
+                "/memory" + path,
+                params=query,
+                json=body if content is None else None,
+                content=content,
+            )
+        except httpx.HTTPError as exc:
+            raise CliError(f"could not reach {self.where}: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text.strip()[:300] or response.reason_phrase
+            raise CliError(f"{message} ({response.status_code})")
+        return response.json() if response.content else None
+
+
+def _param(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+# -- the parser -----------------------------------------------------------------------------
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the memory commands to the `mnemoproxy` parser's sub-commands."""
+    scopes = _command(sub, "scopes", "list and manage scopes (conversations)", cmd_scopes)
+    scopes.add_argument(
+        "action",
+        nargs="?",
+        default="list",
+        choices=["list", "show", "create", "rename", "rm", "set"],
+    )
+    scopes.add_argument("name", nargs="?", help="the scope")
+    scopes.add_argument("new_name", nargs="?", help="rename: the new name")
+    scopes.add_argument("--label", help="create/rename: a label shown to people")
+    scopes.add_argument("--memory", choices=["on", "off"], help="set: memory on or off")
+    scopes.add_argument("--style", choices=["on", "off"], help="set: style sample on or off")
+    scopes.add_argument("--yes", action="store_true", help="rm: do not ask")
+
+    memories = _command(sub, "memories", "list, search, add, edit, delete, pin", cmd_memories)
+    memories.add_argument("action", choices=["list", "search", "add", "edit", "rm", "pin"])
+    memories.add_argument("scope")
+    memories.add_argument("arg", nargs="?", help="search: the query; add: the text; else: id")
+    memories.add_argument("--text", help="edit: the new text")
+    memories.add_argument("--kind", help="list: kinds, comma-separated (turn,fact,note,...)")
+    memories.add_argument("--state", help="list: active (default), retracted, superseded, all")
+    memories.add_argument("--since", help="list: dated at or after (ISO date or unix seconds)")
+    memories.add_argument("--pinned", action="store_true", help="list: pinned only")
+    memories.add_argument("--pin", action="store_true", help="add: pin the note")
+    memories.add_argument("--off", action="store_true", help="pin: unpin")
+    memories.add_argument("--importance", type=float, help="add/edit: 0 to 1")
+    memories.add_argument("--limit", type=int, help="how many to show")
+
+    for name, what in (("summary", "the rolling summary"), ("style", "the style sample")):
+        cmd = _command(sub, name, f"show, replace or clear {what}", cmd_summary_or_style)
+        cmd.add_argument("scope")
+        group = cmd.add_mutually_exclusive_group()
+        group.add_argument("--set", metavar="TEXT", help="replace it with TEXT")
+        group.add_argument("--set-file", metavar="FILE", help="replace it with a file's text")
+        group.add_argument("--clear", action="store_true", help="remove it (kept in history)")
+        group.add_argument("--history", action="store_true", help="show earlier versions")
+
+    scene = _command(sub, "scene", "show or edit the scene ('' removes a part)", cmd_scene)
+    scene.add_argument("scope")
+    scene.add_argument("--character", help="who the character is")
+    scene.add_argument("--location", help="where the scene is")
+    scene.add_argument("--user", help="who the user is")
+    scene.add_argument("--char-name", help="the character's name (overrides detection)")
+    scene.add_argument("--user-name", help="the user's name (overrides detection)")
+    scene.add_argument("--clear", action="store_true", help="remove the whole scene")
+
+    requests = _command(sub, "requests", "the log of what was sent upstream", cmd_requests)
+    requests.add_argument("scope", nargs="?", help="list this scope's requests")
+    requests.add_argument("--id", help="show one request (its X-Memory-Request-Id)")
+    requests.add_argument("--limit", type=int, default=20)
+
+    transcript = _command(sub, "transcript", "the messages as stored", cmd_transcript)
+    transcript.add_argument("scope")
+    transcript.add_argument("--thread", type=int, help="one chat only")
+    transcript.add_argument("--state", help="active, partial, undone (comma-separated)")
+    transcript.add_argument("--limit", type=int, default=200)
+
+    export = _command(sub, "export", "write a scope as one JSON document", cmd_export)
+    export.add_argument("scope")
+    export.add_argument("-o", "--output", help="file to write (default: standard output)")
+
+    for name, what, func in (
+        ("import", "a scope document (from export)", cmd_import),
+        ("import-chat", "a SillyTavern chat (.jsonl) as a new chat", cmd_import_chat),
+        ("import-card", "a character card (PNG or JSON)", cmd_import_card),
+    ):
+        cmd = _command(sub, name, f"import {what} into a scope", func, creates=True)
+        cmd.add_argument("scope")
+        cmd.add_argument("file")
+        cmd.add_argument(
+            "--append", action="store_true", help="allow a scope that already has messages"
+        )
+
+
+def _command(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    help_text: str,
+    func: Callable[[Api, argparse.Namespace], Awaitable[int]],
+    *,
+    creates: bool = False,
+) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--url", help=f"the proxy (default ${URL_ENV}, else {DEFAULT_URL})")
+    parser.add_argument("--key", help=f"the proxy key (default ${KEY_ENV})")
+    parser.add_argument("--db", help="open this database file directly (no proxy)")
+    parser.add_argument("--config", help="config file (for the database path and port)")
+    parser.add_argument("--owner", help="admin: the owner (key hash) whose scopes are meant")
+    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    # `creates`: in direct mode, may start a new database file (the imports).
+    parser.set_defaults(func=lambda args: run(args, func), creates=creates)
+    return parser
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, func: Callable[[Api, argparse.Namespace], Awaitable[int]]) -> int:
+    """Connect, run one command, report a failure in one line."""
+
+    async def main() -> int:
+        async with connect(args) as api:
+            return await func(api, args)
+
+    try:
+        return asyncio.run(main())
+    except CliError as exc:
+        print(f"mnemoproxy: {exc}", file=sys.stderr)
+        return 1
+
+
+@contextlib.asynccontextmanager
+async def connect(args: argparse.Namespace) -> AsyncIterator[Api]:
+    """The API of the running proxy, else (or with --db) of the database file."""
+    key = args.key or os.environ.get(KEY_ENV) or None
+    settings: Settings | None = None
+    if not args.db:
+        settings = load_settings(args.config)
+        url = (args.url or os.environ.get(URL_ENV) or _settings_url(settings)).rstrip("/")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        client = httpx.AsyncClient(base_url=url, headers=headers, timeout=TIMEOUT)
+        try:
+            await client.get("/healthz", timeout=3.0)
+        except httpx.TransportError:
+            await client.aclose()
+            if args.url:  # asked for that proxy: do not quietly use a file instead
+                raise CliError(f"no proxy answers at {url}") from None
+        else:
+            try:
+                yield Api(client, url, args.owner, direct=False)
+            finally:
+                await client.aclose()
+            return
+    async with _direct(args, settings, key) as api:
+        yield api
+
+
+@contextlib.asynccontextmanager
+async def _direct(args: argparse.Namespace, settings: Settings | None, key: str | None):
+    from proxy.app import database_path
+    from proxy.memory.rank import Weights
+    from proxy.memory.store import Store
+    from proxy.routes.auth import Identity, owner_of
+    from proxy.routes.memory_api import MemoryService, standalone_app
+
+    settings = settings or load_settings(args.config)
+    path = Path(args.db).expanduser() if args.db else database_path(settings)
+    if not args.db:
+        print(f"(no proxy answers; using the database {path} directly)", file=sys.stderr)
+    if not path.exists() and not args.creates:
+        raise CliError(f"no memory database at {path}")
+    store = Store(path)
+    try:
+        await store.start()
+    except Exception as exc:
+        raise CliError(f"cannot open the memory database {path}: {exc}") from exc
+    r = settings.recall
+    service = MemoryService(
+        store=store,
+        weights=Weights(
+            similarity=r.similarity,
+            keyword=r.keyword,
+            recency=r.recency,
+            importance=r.importance,
+            recency_half_life_days=r.half_life_days,
+            min_score=r.min_score,
+        ),
+        candidates=r.candidates,
+        identity=Identity(owner=owner_of(key) if key else "", admin=True),
+    )
+    transport = httpx.ASGITransport(app=standalone_app(service))
+    client = httpx.AsyncClient(transport=transport, base_url="http://memory.db", timeout=TIMEOUT)
+    try:
+        yield Api(client, str(path), args.owner, direct=True)
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+def _settings_url(settings: Settings) -> str:
+    host = settings.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.server.port}"
+
+
+def _scope(name: str) -> str:
+    return "/scopes/" + quote(name, safe="")
+
+
+def _print(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> int:
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        human(data)
+    return 0
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+async def cmd_scopes(api: Api, args: argparse.Namespace) -> int:
+    """`mnemoproxy scopes [list|show|create|rename|rm|set] [NAME]`."""
+    if args.action == "list":
+        data = await api.call("GET", "/scopes")
+        return _print(args, data, _show_scopes)
+    if not args.name:
+        raise CliError(f"scopes {args.action} needs a scope name")
+    path = _scope(args.name)
+    if args.action == "show":
+        data = await api.call("GET", path)
+    elif args.action == "create":
+        data = await api.call("POST", "/scopes", body={"name": args.name, "label": args.label})
+    elif args.action == "rename":
+        if not args.new_name and args.label is None:
+            raise CliError("scopes rename NAME NEW_NAME (and/or --label LABEL)")
+        body = {"name": args.new_name, "label": args.label}
+        data = await api.call("PATCH", path, body={k: v for k, v in body.items() if v})
+    elif args.action == "set":
+        changes = {"enabled": args.memory, "style": args.style}
+        body = {k: v == "on" for k, v in changes.items() if v is not None}
+        if not body:
+            raise CliError("scopes set NAME --memory on|off --style on|off")
+        await api.call("PATCH", f"{path}/settings", body=body)
+        data = await api.call("GET", path)
+    else:  # rm
+        if not args.yes and not _confirm(f"delete scope {args.name!r} and all it remembers?"):
+            raise CliError("not deleted (pass --yes to delete without asking)")
+        await api.call("DELETE", path)
+        return _print(args, {"deleted": args.name}, lambda d: print(f"deleted {d['deleted']}"))
+    return _print(args, data, _show_scope)
+
+
+async def cmd_memories(api: Api, args: argparse.Namespace) -> int:
+    """`mnemoproxy memories list|search|add|edit|rm|pin SCOPE ...`."""
+    path = _scope(args.scope) + "/memories"
+    action = args.action
+    if action == "list":
+        params = {
+            "kind": args.kind,
+            "state": args.state,
+            "since": args.since,
+            "pinned": True if args.pinned else None,
+            "limit": args.limit,
+        }
+        data = await api.call("GET", path, params=params)
+        return _print(args, data, lambda d: _show_memories(d["memories"]))
+    if action == "search":
+        if not args.arg:
+            raise CliError("memories search SCOPE QUERY")
+        params = {"q": args.arg, "limit": args.limit}
+        data = await api.call("GET", f"{path}/search", params=params)
+        return _print(args, data, _show_search)
+    if action == "add":
+        text = args.arg or args.text
+        if not text:
+            raise CliError("memories add SCOPE TEXT [--pin]")
+        body: dict[str, Any] = {"text": text, "pinned": args.pin}
+        if args.importance is not None:
+            body["importance"] = args.importance
+        data = await api.call("POST", path, body=body)
+        return _print(args, data, lambda d: _show_memories([d]))
+    memory_id = _memory_id(args.arg)
+    if action == "edit":
+        body = {"text": args.text, "importance": args.importance}
+        body = {k: v for k, v in body.items() if v is not None}
+        if not body:
+            raise CliError("memories edit SCOPE ID --text TEXT and/or --importance X")
+        data = await api.call("PATCH", f"{path}/{memory_id}", body=body)
+    elif action == "pin":
+        data = await api.call("PATCH", f"{path}/{memory_id}", body={"pinned": not args.off})
+    else:  # rm
+        await api.call("DELETE", f"{path}/{memory_id}")
+        return _print(
+            args, {"deleted": memory_id}, lambda d: print(f"deleted memory {d['deleted']}")
+        )
+    return _print(args, data, lambda d: _show_memories([d]))
+
+
+async def cmd_summary_or_style(api: Api, args: argparse.Namespace) -> int:
+    """`mnemoproxy summary|style SCOPE [--set TEXT | --set-file F | --clear | --history]`."""
+    what = args.command
+    path = f"{_scope(args.scope)}/{what}"
+    text = args.set
+    if args.set_file:
+        text = _read_text(args.set_file)
+    if text is not None:
+        data = await api.call("PUT", path, body={"text": text})
+    elif args.clear:
+        await api.call("DELETE", path)
+        return _print(args, {"cleared": what}, lambda d: print(f"{what} cleared"))
+    elif args.history:
+        data = await api.call("GET", f"{path}/history")
+        return _print(args, data, lambda d: _show_history(what, d))
+    else:
+        data = await api.call("GET", path)
+    return _print(args, data, lambda d: _show_text(what, d[what]))
+
+
+async def cmd_scene(api: Api, args: argparse.Namespace) -> int:
+    """`mnemoproxy scene SCOPE [--character ... --location ... --user ...] [--clear]`."""
+    path = f"{_scope(args.scope)}/scene"
+    keys = ("character", "location", "user", "char_name", "user_name")
+    changes = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.clear:
+        await api.call("DELETE", path)
+        data: Any = {}
+    elif changes:
+        body = {k: (v or None) for k, v in changes.items()}  # '' removes a part
+        data = await api.call("PATCH", path, body=body)
+    else:
+        data = await api.call("GET", path)
+    return _print(args, data, _show_scene)
+
+
+async def cmd_requests(api: Api, args: argparse.Namespace) -> int:
+    """`mnemoproxy requests SCOPE` (the log) or `requests --id ID` (one, in full)."""
+    if args.id:
+        data = await api.call("GET", f"/requests/{quote(args.id, safe='')}")
+        return _print(args, data, _show_request)
+    if not args.scope:
+        raise CliError("requests SCOPE (to list) or requests --id REQUEST_ID (to show one)")
+    data = await api.call("GET", f"{_scope(args.scope)}/requests", params={"limit": args.limit})
+    return _print(args, data, _show_requests)
+
+
+async def cmd_transcript(api: Api, args: argparse.Namespace) -> int:
+    """`mnemoproxy transcript SCOPE`."""
+    params = {"thread": args.thread, "state": args.state, "limit": args.limit}
+    data = await api.call("GET", f"{_scope(args.scope)}/transcript", params=params)
+    return _print(args, data, _show_transcript)
+
+
+async def cmd_export(api: Api, args: argparse.Namespace) -> int:
+    """`mnemoproxy export SCOPE [-o FILE]`."""
+    data = await api.call("GET", f"{_scope(args.scope)}/export")
+    text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+    if not args.output or args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    Path(args.output).write_text(text, encoding="utf-8")
+    print(
+        f"exported {args.scope}: {len(data['messages'])} messages, "
+        f"{len(data['memories'])} memories -> {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def cmd_import(api: Api, args: argparse.Namespace) -> int:
+    """`mnemoproxy import SCOPE FILE [--append]`: a scope document."""
+    content = _read_bytes(args.file)
+    data = await api.call(
+        "POST",
+        f"{_scope(args.scope)}/import",
+        params={"append": args.append},
+        content=content,
+    )
+    return _print(
+        args,
+        data,
+        lambda d: print(
+            f"imported into {args.scope}: {d['messages']} messages, {d['memories']} memories, "
+            f"{d['summaries']} summaries"
+            + (
+                f"; kept the scope's own {', '.join(d['kept_existing'])}"
+                if d["kept_existing"]
+                else ""
+            )
+        ),
+    )
+
+
+async def cmd_import_chat(api: Api, args: argparse.Namespace) -> int:
+    """`mnemoproxy import-chat SCOPE FILE.jsonl [--append]`: parsed here, sent in batches
+    (one write transaction each), with a progress bar on stderr."""
+    from proxy.memory.importers import parse_chat
+
+    try:
+        with open(args.file, "rb") as fh:
+            chat = parse_chat(fh)
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror}") from exc
+    if not chat.messages:
+        first = "; ".join(f"line {e.line}: {e.message}" for e in chat.errors[:3])
+        raise CliError(
+            f"no message could be read from {args.file}" + (f" ({first})" if first else "")
+        )
+    messages = []
+    date = chat.created
+    for m in chat.messages:
+        date = m.date if m.date is not None else date
+        messages.append({"role": m.role, "content": m.text, "name": m.name, "date": date})
+    path = _scope(args.scope)
+    bar = ProgressBar(len(messages), f"importing {Path(args.file).name}")
+    thread = None
+    stored = memories = 0
+    bar.update(0)
+    try:
+        for start in range(0, len(messages), CHAT_BATCH):
+            body = {
+                "messages": messages[start : start + CHAT_BATCH],
+                "thread": thread,
+                "append": args.append,
+                "char_name": chat.character_name,
+                "user_name": chat.user_name,
+            }
+            result = await api.call("POST", f"{path}/transcript", body=body)
+            thread = result["thread"]
+            stored += result["messages"]
+            memories += result["memories"]
+            bar.update(stored)
+    finally:
+        bar.done()
+    scope = await api.call("GET", path)
+    if scope["label"] is None and chat.character_name:
+        await api.call("PATCH", path, body={"label": chat.character_name})
+    report = {
+        "thread": thread,
+        "messages": stored,
+        "memories": memories,
+        "character_name": chat.character_name,
+        "user_name": chat.user_name,
+        "errors": [{"line": e.line, "message": e.message} for e in chat.errors],
+        "warnings": [{"line": w.line, "message": w.message} for w in chat.warnings],
+    }
+    return _print(args, report, lambda d: _show_chat_import(args.scope, d))
+
+
+async def cmd_import_card(api: Api, args: argparse.Namespace) -> int:
+    """`mnemoproxy import-card SCOPE FILE [--append]`."""
+    data = await api.call(
+        "POST",
+        f"{_scope(args.scope)}/import/card",
+        params={"append": args.append, "filename": Path(args.file).name},
+        content=_read_bytes(args.file),
+    )
+    return _print(args, data, lambda d: _show_card(args.scope, d))
+
+
+# -- output for people -------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (plain text, redrawn with \\r)."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None, width: int = 30):
+        self.total = max(total, 1)
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.width = width
+
+    def update(self, done: int) -> None:
+        """Redraw with `done` of the total."""
+        filled = self.width * done // self.total
+        bar = "#" * filled + "." * (self.width - filled)
+        percent = 100 * done // self.total
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} messages {percent:3d}%")
+        self.stream.flush()
+
+    def done(self) -> None:
+        """End the line."""
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")
+
+
+def _one_line(text: str, width: int = 90) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _show_scopes(data: dict[str, Any]) -> None:
+    scopes = data["scopes"]
+    if not scopes:
+        print("no scopes yet")
+        return
+    owners = {s["owner"] for s in scopes}
+    print(f"{'SCOPE':<28} {'LABEL':<16} {'MSGS':>6} {'MEMS':>6} {'JOBS':>5}  LAST SEEN")
+    for s in scopes:
+        jobs = s["jobs"]["pending"] + s["jobs"]["running"]
+        line = (
+            f"{s['name']:<28} {(s['label'] or '-'):<16} {s['messages']['active']:>6} "
+            f"{s['memories']['active']:>6} {jobs:>5}  {_when(s['last_seen'])}"
+        )
+        if len(owners) > 1:
+            line += f"  owner {s['owner'] or '(none)'}"
+        if not s["settings"]["enabled"]:
+            line += "  [memory off]"
+        print(line)
+
+
+def _show_scope(s: dict[str, Any]) -> None:
+    print(f"scope     {s['name']}" + (f" ({s['label']})" if s["label"] else ""))
+    print(f"owner     {s['owner'] or '(no keys)'}")
+    print(f"created   {_when(s['created_at'])}, last seen {_when(s['last_seen'])}")
+    m = s["messages"]
+    print(f"messages  {m['active']} active, {m['partial']} partial, {m['undone']} undone; ", end="")
+    print(f"{s['threads']} chat(s)")
+    mem = s["memories"]
+    print(
+        f"memories  {mem['active']} active ({mem['pinned']} pinned), {mem['retracted']} "
+        f"retracted, {mem['superseded']} superseded"
+    )
+    j = s["jobs"]
+    print(f"jobs      {j['pending']} pending, {j['running']} running, {j['failed']} failed")
+    st = s["settings"]
+    print(f"settings  memory {_on(st['enabled'])}, style sample {_on(st['style'])}")
+    if s["scene"]:
+        _show_scene(s["scene"])
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _show_memories(memories: list[dict[str, Any]]) -> None:
+    if not memories:
+        print("no memories")
+    for m in memories:
+        flags = ("pinned " if m["pinned"] else "") + ("" if m["state"] == "active" else m["state"])
+        who = f"{m['speaker']}: " if m["speaker"] else ""
+        print(f"#{m['id']:<6} {m['kind']:<7} {_when(m['at'])}  {who}{_one_line(m['text'])}")
+        if flags.strip():
+            print(f"        [{flags.strip()}]")
+
+
+def _show_search(data: dict[str, Any]) -> None:
+    if data["mode"] == "keyword":
+        print("(keyword search only: the embedding model is not loaded here)")
+    if not data["results"]:
+        print("nothing found")
+    for r in data["results"]:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in r["components"].items())
+        who = f"{r['speaker']}: " if r["speaker"] else ""
+        print(f"{r['score']:.3f}  #{r['id']:<6} {_when(r['at'])}  {who}{_one_line(r['text'], 70)}")
+        print(f"        {parts}")
+
+
+def _show_text(what: str, item: dict[str, Any] | None) -> None:
+    if item is None:
+        print(f"no {what}")
+        return
+    extra = f", {item['source']}" if "source" in item else ""
+    if "enabled" in item and not item["enabled"]:
+        extra += ", switched off"
+    print(f"({what}, {_when(item.get('updated_at') or item.get('created_at'))}{extra})")
+    print(item["text"])
+
+
+def _show_history(what: str, data: dict[str, Any]) -> None:
+    items = data.get("summaries") or data.get("history") or []
+    if not items:
+        print(f"no earlier {what}")
+    for item in items:
+        state = item.get("state") or f"replaced {_when(item.get('replaced_at'))}"
+        when = _when(item.get("created_at") or item.get("updated_at"))
+        print(f"[{when}, {state}] {_one_line(item['text'])}")
+
+
+def _show_scene(scene: dict[str, Any]) -> None:
+    if not scene:
+        print("no scene")
+    for key, value in scene.items():
+        print(f"{key:<10} {_one_line(value)}")
+
+
+def _show_requests(data: dict[str, Any]) -> None:
+    if not data["requests"]:
+        print("no logged requests")
+    for r in data["requests"]:
+        print(
+            f"{r['id']}  {_when(r['created_at'])}  {r['model']}  in {r['tokens_in']} "
+            f"sent {r['tokens_sent']} saved {r['tokens_saved']}  injected {r['injected']} "
+            f"trimmed {r['trimmed']}"
+            + (f"  errors: {'; '.join(r['errors'])}" if r["errors"] else "")
+        )
+
+
+def _show_request(r: dict[str, Any]) -> None:
+    detail = r["detail"]
+    print(f"request   {r['id']} ({_when(r['created_at'])}) in scope {r['scope']}")
+    print(f"model     {r['model']} via {r['upstream']}; alignment {r['alignment']}")
+    tokens = detail.get("tokens") or {}
+    print(
+        f"tokens    {tokens.get('original')} in, {tokens.get('sent')} sent, "
+        f"{tokens.get('saved')} saved (block {tokens.get('block')}, budget {detail.get('budget')})"
+    )
+    print(f"trimmed   {len(detail.get('trimmed') or [])} messages")
+    for item in detail.get("injected") or []:
+        print(
+            f"injected  {item['kind']} #{item['memory_id']} score {item['score']:.3f} "
+            f"from messages {item['source_ids']}: {_one_line(item['text'], 60)}"
+        )
+    if detail.get("timings"):
+        print(f"timings   {detail['timings']}")
+    for error in r["errors"]:
+        print(f"error     {error}")
+
+
+def _show_transcript(data: dict[str, Any]) -> None:
+    for m in data["messages"]:
+        who = m["speaker"] or m["role"]
+        state = "" if m["state"] == "active" else f" [{m['state']}]"
+        text = _one_line(m["content"])
+        print(f"{m['seq']:>5} t{m['thread']} {_when(m['seen_at'])} {who}: {text}{state}")
+    if data["next_after"] is not None:
+        print(f"(more: --limit, or the API's after={data['next_after']})")
+
+
+def _show_chat_import(scope: str, d: dict[str, Any]) -> None:
+    print(f"imported {d['messages']} messages into {scope} (chat {d['thread']})")
+    if d["errors"]:
+        print(
+            f"{len(d['errors'])} lines could not be read and were skipped (the rest was imported):"
+        )
+        for e in d["errors"][:20]:
+            print(f"  line {e['line']}: {e['message']}")
+    if d["warnings"]:
+        print(f"{len(d['warnings'])} warnings (--json shows them all)")
+
+
+def _show_card(scope: str, d: dict[str, Any]) -> None:
+    print(f"imported card {d['name']} ({d['spec']}) into {scope}:")
+    print(f"  scene: {', '.join(d['scene']) or 'nothing'}")
+    print(f"  style sample: {'set' if d['style_sample'] else 'none in the card'}")
+    print(f"  notes: {d['notes']} lorebook entries ({d['pinned_notes']} pinned)")
+    for warning in d["warnings"]:
+        print(f"  warning: {warning}")
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+def _memory_id(value: str | None) -> int:
+    if value is None or not value.lstrip("#").isdigit():
+        raise CliError(f"a memory id is a number, not {value!r}")
+    return int(value.lstrip("#"))
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def _read_bytes(name: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {name}: {exc.strerror}") from exc
+
+
+def _read_text(name: str) -> str:
+    return _read_bytes(name).decode("utf-8", "replace")
