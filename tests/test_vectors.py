@@ -350,3 +350,13 @@ def test_searches_see_every_change_to_the_scope(store: Store) -> None:
     assert after[2].memory_id in first
     store.write_sync(vectors.compact_vectors)
     assert store.read_sync(vectors.knn, scope, query, 3) == after
+
+
+def test_a_new_word_is_found_at_once(store: Store) -> None:
+    scope = _scope(store, "chat")
+    _add(store, scope, ["we talked about dogs"])
+    assert store.read_sync(vectors.keyword_search, scope, "Biscuit the dog", 5) != []
+    assert store.read_sync(vectors.keyword_search, scope, "Biscuit", 5) == []
+    (named,) = _add(store, scope, ["her dog is called Biscuit"])
+    for _ in range(3):  # whichever reader thread answers
+        assert store.read_sync(vectors.keyword_search, scope, "Biscuit", 5)[0].memory_id == named

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -526,28 +527,71 @@ def keyword_search(conn: Connection, scope_id: int, query_text: str, k: int) -> 
     ]
 
 
+# Document counts only steer which words to keep, so a count up to this old will do.
+POSTINGS_TTL_S = 60.0
+
+
+class _TermCache:
+    """Per connection: how FTS5 stems each word, and recent document counts."""
+
+    __slots__ = ("postings", "stems")
+
+    def __init__(self) -> None:
+        self.stems: dict[str, tuple[str, ...]] = {}
+        self.postings: dict[str, tuple[int, float]] = {}  # term -> (count, when)
+
+
+def _term_cache(conn: Connection) -> _TermCache:
+    cache = getattr(conn, "_mnemo_term_cache", None)
+    if cache is None or len(cache.stems) + len(cache.postings) > 50_000:
+        cache = _TermCache()
+        with contextlib.suppress(AttributeError):  # see _cache_of
+            conn._mnemo_term_cache = cache
+    return cache
+
+
+def _stems(conn: Connection, cache: _TermCache, words: list[str]) -> dict[str, tuple[str, ...]]:
+    """The index terms of each word, stemmed by FTS5 itself (in a connection-private
+    temp table), so that they match the terms of ``memories_fts``."""
+    new = [w for w in words if w not in cache.stems]
+    if new:
+        conn.execute(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_words USING fts5 ("
+            "word, tokenize = 'porter unicode61 remove_diacritics 2')"
+        )
+        conn.execute(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_terms"
+            " USING fts5vocab (temp, query_words, 'instance')"
+        )
+        conn.executemany("INSERT INTO temp.query_words (rowid, word) VALUES (?, ?)", enumerate(new))
+        try:
+            found: dict[str, list[str]] = {w: [] for w in new}
+            for index, term in conn.execute("SELECT doc, term FROM temp.query_terms"):
+                found[new[index]].append(term)
+        finally:
+            conn.execute("DELETE FROM temp.query_words")
+        for word, terms in found.items():
+            cache.stems[word] = tuple(terms)
+    return {w: cache.stems[w] for w in words}
+
+
 def _rarest(conn: Connection, words: list[str]) -> list[str]:
     """The words that occur in the index, rarest first, within the postings budget."""
-    # The index holds stemmed terms; let FTS5 stem the words the same way, in a
-    # connection-private temp table, then read each term's document count.
-    conn.execute(
-        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_words USING fts5 ("
-        "word, tokenize = 'porter unicode61 remove_diacritics 2')"
-    )
-    conn.execute(
-        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_terms"
-        " USING fts5vocab (temp, query_words, 'instance')"
-    )
-    conn.executemany("INSERT INTO temp.query_words (rowid, word) VALUES (?, ?)", enumerate(words))
-    try:
-        terms = conn.execute("SELECT doc, term FROM temp.query_terms").fetchall()
-    finally:
-        conn.execute("DELETE FROM temp.query_words")
+    cache = _term_cache(conn)
+    now = time.monotonic()
     counted: dict[str, int] = {}
-    for index, term in terms:
-        row = conn.execute("SELECT doc FROM memories_fts_vocab WHERE term = ?", (term,)).fetchone()
-        if row:  # a word may stem to several terms: count it by its most common one
-            counted[words[index]] = max(counted.get(words[index], 0), row[0])
+    for word, terms in _stems(conn, cache, words).items():
+        for term in terms:
+            known = cache.postings.get(term)
+            if known is None or now - known[1] > POSTINGS_TTL_S:
+                row = conn.execute(
+                    "SELECT doc FROM memories_fts_vocab WHERE term = ?", (term,)
+                ).fetchone()
+                known = (row[0] if row else 0, now)
+                if known[0]:  # an absent term is asked again: it may be new next time
+                    cache.postings[term] = known
+            if known[0]:  # a word may stem to several terms: count its most common one
+                counted[word] = max(counted.get(word, 0), known[0])
     kept: list[str] = []
     total = 0
     for word, postings in sorted(counted.items(), key=lambda item: item[1]):
