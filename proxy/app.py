@@ -139,8 +139,11 @@ def database_path(settings: Settings) -> Path:
     return Path(platformdirs.user_data_dir("mnemoproxy", appauthor=False)) / "memory.db"
 
 
-def build_embedder(settings: Settings, router: Router) -> Embedder:
-    """The embedder that `[embeddings]` asks for (not started)."""
+def build_embedder(
+    settings: Settings, router: Router, stack: contextlib.AsyncExitStack | None = None
+) -> Embedder:
+    """The embedder that `[embeddings]` asks for (not started); `stack` closes its HTTP
+    client, if it has one."""
     cfg = settings.embeddings
     model = cfg.model or None
     if cfg.backend == "onnx":
@@ -148,6 +151,8 @@ def build_embedder(settings: Settings, router: Router) -> Embedder:
     if cfg.backend == "upstream":
         upstream = router.upstreams[cfg.upstream]
         client = httpx.AsyncClient(timeout=upstream.read_timeout, trust_env=False)
+        if stack is not None:
+            stack.push_async_callback(client.aclose)
         return UpstreamEmbedder(
             upstream.base_url,
             upstream.api_key,
@@ -176,7 +181,9 @@ async def open_memory(
     store = Store(database_path(settings), readers=settings.memory.readers)
     await store.start()
     stack.push_async_callback(store.close)
-    embedder = CachedEmbedder(build_embedder(settings, router), settings.embeddings.cache_size)
+    embedder = CachedEmbedder(
+        build_embedder(settings, router, stack), settings.embeddings.cache_size
+    )
     activity = Activity()
     worker = Worker(store, embedder, activity)
     await worker.start()
