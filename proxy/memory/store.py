@@ -22,7 +22,8 @@ The same object works without an event loop (CLI, scripts, tests)::
 
 A write, once submitted, always runs: cancelling the awaiting task (a client that
 went away) does not cancel it; only the caller stops waiting. A write is committed
-when its awaitable resolves. An operation must not call the store itself.
+when its awaitable resolves. An operation must not call the store itself, and must
+return plain values (rows fetched, not a live cursor: the transaction ends with it).
 """
 
 from __future__ import annotations
