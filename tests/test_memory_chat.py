@@ -1,0 +1,348 @@
+"""Memory on the request path, driven like SillyTavern drives it, asserting what the
+upstream received: trimmed to budget, the relevant old turn injected, the undone reply
+not injected, the style sample present, the last user message intact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.inject.tokens import TokenCounter
+from proxy.memory import records
+from tests.conftest import MakeProxy
+from tests.fakes.servers import RunningServer
+from tests.fakes.upstream import FakeUpstream, Reply
+from tests.memory_helpers import (
+    GREETING,
+    MAIN_PROMPT,
+    filler,
+    memory_block,
+    open_store,
+    st_body,
+    transcript_of,
+    wait_until,
+)
+
+WINDOW = 2048
+MAX_TOKENS = 256
+MARGIN = 128
+
+
+@pytest.fixture
+def llama() -> Any:
+    """A llama.cpp-like upstream that reports a small context window at /props."""
+    with FakeUpstream(flavor="llamacpp", context_window=WINDOW) as up:
+        yield up
+
+
+def memory_proxy(make_proxy: MakeProxy, up: FakeUpstream, tmp_path: Path, **sections: Any):
+    sections.setdefault(
+        "embeddings", {"backend": "upstream", "upstream": "local", "model": "fake-model"}
+    )
+    memory = {"enabled": True, "database": str(tmp_path / "memory.db"), "margin_tokens": MARGIN}
+    memory.update(sections.pop("memory", {}))
+    upstreams = sections.pop("upstreams", {"local": up})
+    return make_proxy(upstreams, memory=memory, **sections)
+
+
+def chat(
+    proxy: RunningServer,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    path: str = "/v1/chat/completions",
+) -> httpx.Response:
+    response = httpx.post(f"{proxy.url}{path}", json=body, headers=headers or {}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def play(
+    proxy: RunningServer,
+    up: FakeUpstream,
+    user_turns: list[str],
+    *,
+    history: list[tuple[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+    stream: bool = False,
+) -> list[tuple[str, str]]:
+    """Send user turns one by one like SillyTavern (whole history every time)."""
+    history = list(history or [])
+    for i, text in enumerate(user_turns):
+        history.append(("user", text))
+        reply = f"Mira answers turn {len(history)} thoughtfully."
+        up.enqueue(Reply(text=reply))
+        chat(proxy, st_body(history, stream=stream, world_info=f"entry {i}"), headers)
+        history.append(("assistant", reply))
+    return history
+
+
+def test_long_chat_is_trimmed_to_the_budget_keeping_system_and_last_user_message(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    history = play(proxy, llama, [filler(i) for i in range(60)])
+    history.append(("user", "What do you see on the horizon?"))
+    body = st_body(history)
+    response = chat(proxy, body)
+    sent = llama.last["messages"]
+    counter = TokenCounter("o200k_base")
+    assert counter.count_messages(body["messages"]) > WINDOW  # it really had to trim
+    assert counter.count_messages(sent) <= WINDOW - MAX_TOKENS - MARGIN
+    assert sent[-1] == {"role": "user", "content": "What do you see on the horizon?"}
+    system = [m["content"] for m in sent if m["role"] == "system"]
+    assert MAIN_PROMPT in system and "[Start a new Chat]" in system
+    assert int(response.headers["x-memory-trimmed"]) > 0
+    assert int(response.headers["x-memory-tokens-saved"]) > 0
+    kept = [m["content"] for m in sent if m["role"] in ("user", "assistant")]
+    assert kept[-3:] == [text for _, text in history[-3:]]  # the newest turns, in order
+
+
+def test_relevant_old_turn_is_injected_with_date_and_speaker(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    turns = [filler(i) for i in range(50)]
+    turns[3] = "My sister Ana keeps a lighthouse on the island of Vessel Rock."
+    history = play(proxy, llama, turns)
+    history.append(("user", "Do you remember where Ana keeps her lighthouse?"))
+    response = chat(proxy, st_body(history))
+    sent = llama.last["messages"]
+    assert not any("Vessel Rock" in m["content"] for m in sent if m["role"] == "user")
+    block = memory_block(sent)
+    assert block is not None and "Tom: My sister Ana keeps a lighthouse" in block
+    assert "newer one is right" in block  # the model is told newer facts win
+    assert int(response.headers["x-memory-injected"]) >= 1
+    # Placed just before the last user message, where models use it best.
+    assert sent[-2]["content"] == block and sent[-1]["role"] == "user"
+
+
+def test_style_sample_shown_once_the_greeting_left_the_window(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    play(proxy, llama, [filler(i) for i in range(2)])
+    # While the greeting is in the window the model sees the real thing, no sample.
+    assert "speaks" not in (memory_block(llama.last["messages"]) or "")
+    history = play(proxy, llama, [filler(i) for i in range(60)])
+    history.append(("user", "Shall we rest?"))
+    chat(proxy, st_body(history))
+    sent = llama.last["messages"]
+    assert GREETING not in [m["content"] for m in sent if m["role"] == "assistant"]
+    block = memory_block(sent)
+    assert block is not None
+    assert "How Mira speaks" in block and GREETING in block
+
+
+def test_swiped_reply_is_undone_and_never_injected(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    history = [("user", "Tell me about the old observatory.")]
+    llama.enqueue(Reply(text="The observatory burned down in the winter of the purple comet."))
+    scope = chat(proxy, st_body(history)).headers["x-memory-scope"]
+    # Swipe: SillyTavern sends the byte-identical body again.
+    llama.enqueue(Reply(text="The observatory still stands, its telescope pointed at Orion."))
+    chat(proxy, st_body(history))
+    history.append(("assistant", "The observatory still stands, its telescope pointed at Orion."))
+    rows = transcript_of(tmp_path / "memory.db", scope)
+    states = {r.content: r.state for r in rows}
+    assert states["The observatory burned down in the winter of the purple comet."] == "undone"
+    assert states["The observatory still stands, its telescope pointed at Orion."] == "active"
+    assert [r.content for r in rows].count("Tell me about the old observatory.") == 1
+    turns = [filler(i) for i in range(50)]
+    history = play(proxy, llama, turns, history=history)
+    history.append(("user", "What happened to the observatory and the purple comet?"))
+    chat(proxy, st_body(history))
+    block = memory_block(llama.last["messages"]) or ""
+    assert "burned down" not in block
+    assert "telescope pointed at Orion" in block
+
+
+def test_identical_request_twice_stores_nothing_twice_and_write_off_stores_nothing(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    headers = {"X-Memory-Scope": "retry-test"}
+    body = st_body([("user", "Hello there!")])
+    chat(proxy, body, headers)
+    chat(proxy, body, headers)  # the SDK retried after a lost response
+    rows = [r for r in transcript_of(tmp_path / "memory.db", "retry-test") if r.state != "undone"]
+    assert [r.content for r in rows].count("Hello there!") == 1
+    assert sum(r.role == "assistant" and r.content != GREETING for r in rows) == 1
+    before = len(transcript_of(tmp_path / "memory.db", "retry-test"))
+    off = {**headers, "X-Memory-Write": "off"}
+    chat(proxy, st_body([("user", "Hello there!"), ("assistant", "Hi"), ("user", "Secret")]), off)
+    assert len(transcript_of(tmp_path / "memory.db", "retry-test")) == before
+
+
+def test_scope_from_path_header_user_field_and_invalid_names(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    body = st_body([("user", "hi")])
+    assert (
+        chat(proxy, body, path="/s/campaign-1/v1/chat/completions").headers["x-memory-scope"]
+        == "campaign-1"
+    )
+    assert chat(proxy, body, {"X-Memory-Scope": "my-chat"}).headers["x-memory-scope"] == "my-chat"
+    assert chat(proxy, {**body, "user": "alice"}).headers["x-memory-scope"] == "alice"
+    auto = chat(proxy, body).headers["x-memory-scope"]
+    assert auto.startswith("auto-")
+    for bad in ("..", "a/b", "x" * 300, "bad name"):
+        response = httpx.post(
+            f"{proxy.url}/v1/chat/completions", json=body, headers={"X-Memory-Scope": bad}
+        )
+        assert response.status_code == 400, bad
+        assert response.json()["error"]["param"] == "scope"
+    traversal = httpx.post(f"{proxy.url}/s/..%2F..%2Fetc/v1/chat/completions", json=body)
+    assert traversal.status_code in (400, 404)
+    assert "error" in traversal.json()
+
+
+def test_each_key_has_its_own_memory(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path, auth={"keys": ["key-alice", "key-bob"]})
+    alice = {"Authorization": "Bearer key-alice", "X-Memory-Scope": "shared-name"}
+    bob = {"Authorization": "Bearer key-bob", "X-Memory-Scope": "shared-name"}
+    turns = [filler(i) for i in range(40)]
+    turns[2] = "The vault combination is seven-seven-nine-quill."
+    history = play(proxy, llama, turns, headers=alice)
+    history.append(("user", "What is the vault combination?"))
+    chat(proxy, st_body(history), alice)
+    assert "seven-seven-nine-quill" in (memory_block(llama.last["messages"]) or "")
+    chat(proxy, st_body([("user", "What is the vault combination? quill")]), bob)
+    assert "seven-seven-nine-quill" not in json.dumps(llama.last["messages"])
+
+
+def test_memory_fails_open_when_embeddings_are_unavailable(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(
+        make_proxy,
+        llama,
+        tmp_path,
+        upstreams={"local": {"base_url": llama}, "gone": {"base_url": "http://127.0.0.1:9/v1"}},
+        embeddings={"backend": "upstream", "upstream": "gone", "model": "x"},
+        server={"default_upstream": "local"},
+    )
+    turns = [filler(i) for i in range(60)]
+    turns[1] = "The password to the archive is heliotrope."
+    history = play(proxy, llama, turns)
+    history.append(("user", "What was the archive password, heliotrope or not?"))
+    response = chat(proxy, st_body(history))
+    assert "embedding" in response.headers["x-memory-error"]
+    # Keyword recall still works without vectors.
+    assert "heliotrope" in (memory_block(llama.last["messages"]) or "")
+
+
+def test_stream_cut_by_the_client_stores_what_was_received_as_partial(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    llama.enqueue(
+        Reply(chunks=["Once ", "upon ", "a ", "time ", "there ", "was "] * 5, delay_between=0.1)
+    )
+    body = st_body([("user", "Tell me a long story.")], stream=True)
+    with httpx.stream(
+        "POST",
+        f"{proxy.url}/v1/chat/completions",
+        json=body,
+        headers={"X-Memory-Scope": "cut"},
+    ) as response:
+        seen = 0
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                seen += 1
+                if seen == 4:
+                    break
+
+    def partial_stored() -> bool:
+        rows = transcript_of(tmp_path / "memory.db", "cut")
+        return any(r.state == "partial" for r in rows)
+
+    wait_until(partial_stored, what="the partial reply")
+    rows = transcript_of(tmp_path / "memory.db", "cut")
+    reply = next(r for r in rows if r.state == "partial")
+    assert reply.content.startswith("Once upon")
+    assert "Tell me a long story." in [r.content for r in rows]
+
+
+def test_images_pass_through_and_their_text_is_remembered(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    message = {"role": "user", "content": [{"type": "text", "text": "What is in this map?"}, image]}
+    body = {"model": "fake-model", "messages": [message]}
+    chat(proxy, body, {"X-Memory-Scope": "img"})
+    assert llama.last["messages"][-1] == message
+    rows = transcript_of(tmp_path / "memory.db", "img")
+    assert rows[0].content == "What is in this map?"
+    assert rows[0].raw["content"][1] == image
+
+
+def test_tool_calls_and_n_greater_than_one_are_stored_sensibly(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    call = {"id": "call_1", "type": "function", "function": {"name": "roll", "arguments": "{}"}}
+    llama.enqueue(Reply(tool_calls=[call]))
+    messages = [{"role": "user", "content": "Roll a die for me."}]
+    chat(proxy, {"model": "fake-model", "messages": messages}, {"X-Memory-Scope": "tools"})
+    assistant = {"role": "assistant", "content": None, "tool_calls": [call]}
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": "4"}
+    llama.enqueue(Reply(text="You rolled a four."))
+    more = [*messages, assistant, tool]
+    chat(proxy, {"model": "fake-model", "messages": more, "n": 2}, {"X-Memory-Scope": "tools"})
+    rows = transcript_of(tmp_path / "memory.db", "tools")
+    assert [r.role for r in rows if r.state == "active"] == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
+    assert rows[1].raw["tool_calls"][0]["function"]["name"] == "roll"
+    assert rows[-1].content == "You rolled a four."  # the first choice is the one kept
+
+
+def test_empty_and_huge_messages(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    empty = {"model": "fake-model", "messages": [{"role": "user", "content": ""}]}
+    assert chat(proxy, empty, {"X-Memory-Scope": "edge"}).status_code == 200
+    huge = "A very long letter. " * 5000  # ~25k tokens: more than the whole window
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": huge}]}
+    response = chat(proxy, body, {"X-Memory-Scope": "edge"})
+    assert llama.last["messages"][-1]["content"] == huge  # never cut: the upstream judges
+    assert response.headers["x-memory-trimmed"] == "0"
+    rows = transcript_of(tmp_path / "memory.db", "edge")
+    assert rows[-2].content == huge
+    store = open_store(tmp_path / "memory.db")
+    try:
+        scope = store.read_sync(records.get_scope, "", "edge")
+        pieces = store.read_sync(records.list_memories, scope.id, kinds=["turn"], limit=1000)
+    finally:
+        store.close_sync()
+    assert len([m for m in pieces if "long letter" in m.text]) > 20  # cut for the embedder
+
+
+def test_x_memory_now_dates_the_turn(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    headers = {"X-Memory-Scope": "dated", "X-Memory-Now": "2023-05-04T10:00:00Z"}
+    chat(proxy, st_body([("user", "It is my birthday today.")]), headers)
+    rows = transcript_of(tmp_path / "memory.db", "dated")
+    assert any(r.content == "It is my birthday today." and r.seen_at == 1683194400 for r in rows)
+    bad = httpx.post(
+        f"{proxy.url}/v1/chat/completions",
+        json=st_body([("user", "x")]),
+        headers={"X-Memory-Now": "next tuesday"},
+    )
+    assert bad.status_code == 400 and "X-Memory-Now" in bad.json()["error"]["message"]
