@@ -496,14 +496,14 @@ def apply_card(
     (both show how the character speaks; the style section is cut to its cap where
     a pinned note that is too long would be left out whole). Notes: the enabled
     lorebook entries, pinned when ``constant``. {{char}} and {{user}} are replaced
-    (the user's name from the scene, else "the user").
+    (the user's name from the scene, else "User", as SillyTavern's default persona).
     """
     if not append and has_messages(conn, scope_id):
         raise Refused(_not_empty())
     row = conn.execute("SELECT settings, label FROM scopes WHERE id = ?", (scope_id,)).fetchone()
     settings = json.loads(row[0])
     char = card.nickname or card.name
-    user = scene_view(settings).get("user_name") or "the user"
+    user = scene_view(settings).get("user_name") or "User"
 
     def text(value: str) -> str:
         return card_placeholders(value, char, user).strip()
