@@ -534,3 +534,11 @@ def test_delete_scope_removes_everything_of_it(store: Store) -> None:
         ).fetchall()
     )
     assert len(fts) == 1
+
+
+def test_a_deleted_scopes_id_is_never_reused(store: Store) -> None:
+    first = store.write_sync(records.get_or_create_scope, "key-a", "chat", None, 1.0)
+    store.write_sync(records.delete_scope, first.id)
+    second = store.write_sync(records.get_or_create_scope, "key-b", "chat", None, 2.0)
+    assert second.id != first.id
+    assert store.read_sync(records.get_scope_by_id, "key-a", second.id) is None

@@ -49,8 +49,10 @@ def m001_initial(conn: Connection) -> None:
             value TEXT NOT NULL
         ) WITHOUT ROWID;
 
+        -- AUTOINCREMENT: a deleted scope's id is never handed to a new scope (maybe
+        -- another owner's), so a stale id held anywhere can never reach new data.
         CREATE TABLE scopes (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             owner TEXT NOT NULL,
             name TEXT NOT NULL,
             label TEXT,
