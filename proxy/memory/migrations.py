@@ -141,13 +141,14 @@ def m001_initial(conn: Connection) -> None:
         CREATE TRIGGER embeddings_stale AFTER DELETE ON embeddings
         WHEN old.pack IS NOT NULL
         BEGIN
-            UPDATE vector_packs SET dirty = 1 WHERE id = old.pack;
+            -- "AND dirty = 0": rewriting a pack row (blobs and all) once is enough.
+            UPDATE vector_packs SET dirty = 1 WHERE id = old.pack AND dirty = 0;
         END;
         CREATE TRIGGER memories_deactivated AFTER UPDATE OF state ON memories
         WHEN old.state = 'active' AND new.state != 'active'
         BEGIN
             UPDATE vector_packs SET dirty = 1
-            WHERE id = (SELECT pack FROM embeddings WHERE memory_id = new.id);
+            WHERE id = (SELECT pack FROM embeddings WHERE memory_id = new.id) AND dirty = 0;
         END;
         -- Back to 'active' (rare; no API does it today): embed it again.
         CREATE TRIGGER memories_reactivated AFTER UPDATE OF state ON memories

@@ -232,8 +232,9 @@ def rename_scope(
 def delete_scope(conn: Connection, scope_id: int) -> bool:
     """Delete a scope and everything in it: messages, memories (with their FTS rows
     and vectors), summaries, style, jobs, request log. False if it did not exist."""
-    # Memories first, explicitly, so that their triggers clean FTS5 and sqlite-vec
-    # before the cascade removes everything else.
+    # Packs first (nothing left to mark stale), then memories explicitly, so that
+    # their triggers clean FTS5 before the cascade removes everything else.
+    conn.execute("DELETE FROM vector_packs WHERE scope_id = ?", (scope_id,))
     conn.execute("DELETE FROM memories WHERE scope_id = ?", (scope_id,))
     return conn.execute("DELETE FROM scopes WHERE id = ?", (scope_id,)).rowcount > 0
 
