@@ -9,7 +9,7 @@ models only describe what goes out (the handlers return plain dicts from
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -479,6 +479,7 @@ class Operation:
     handler: Handler
     summary: str
     tag: str
+    _: KW_ONLY
     query: type[BaseModel] | None = None
     body: type[BaseModel] | None = None
     raw_body: tuple[str, ...] = ()  # media types of a raw upload (a file)
