@@ -241,7 +241,15 @@ def cmd_configure(args: argparse.Namespace) -> int:
     if asked:
         overrides = ask_settings(overrides)
     settings = load_settings(args.config, overrides)
-    output.write_text(render_config(settings), encoding="utf-8")
+    text = render_config(settings)
+    has_secret = bool(settings.auth.keys or settings.auth.admin_keys) or any(
+        u.api_key for u in settings.upstreams.values()
+    )
+    # Keys in the file: readable by its owner only.
+    output.touch(mode=0o600 if has_secret else 0o644, exist_ok=True)
+    if has_secret:
+        output.chmod(0o600)
+    output.write_text(text, encoding="utf-8")
     print(f"wrote {output}; start with: mnemoproxy start --config {output}")
     return 0
 
@@ -252,11 +260,14 @@ def ask_settings(overrides: dict[str, Any]) -> dict[str, Any]:
     suggestion = found[0].base_url if found else FALLBACK_UPSTREAM
     for line in describe_servers(found):
         print(f"found {line}")
-    url = input(f"upstream base URL [{suggestion}]: ").strip() or suggestion
-    key = input("upstream API key (Enter for none): ").strip()
-    host = input("listen address [127.0.0.1]: ").strip() or "127.0.0.1"
-    port = input("port [8765]: ").strip() or "8765"
-    proxy_key = input("proxy access key for clients (Enter for none): ").strip()
+    url = _ask("upstream base URL", suggestion)
+    key = _ask("upstream API key (Enter for none)", "")
+    host = _ask("listen address", "127.0.0.1")
+    port = _ask("port", "8765")
+    while not (port.isdigit() and 0 < int(port) < 65536):
+        print(f"{port!r} is not a port number (1-65535)", file=sys.stderr)
+        port = _ask("port", "8765")
+    proxy_key = _ask("proxy access key for clients (Enter for none)", "")
     upstream: dict[str, Any] = {"base_url": url}
     if key:
         upstream["api_key"] = key
@@ -265,6 +276,17 @@ def ask_settings(overrides: dict[str, Any]) -> dict[str, Any]:
     if proxy_key:
         overrides["auth"] = {"keys": [proxy_key]}
     return overrides
+
+
+def _ask(question: str, default: str) -> str:
+    """One answer from the terminal; the default on Enter or at the end of input."""
+    shown = f" [{default}]" if default else ""
+    try:
+        answer = input(f"{question}{shown}: ").strip()
+    except EOFError:
+        print()
+        answer = ""
+    return answer or default
 
 
 if __name__ == "__main__":

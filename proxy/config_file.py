@@ -21,11 +21,7 @@ HEADER = """\
 # Use it with `mnemoproxy start --config config.toml` or MNEMOPROXY_CONFIG=config.toml.
 """
 
-EXAMPLE_UPSTREAM = """\
-# [upstreams.local]
-# base_url = "http://127.0.0.1:11434/v1"   # Ollama; LM Studio :1234, llama.cpp :8080
-# api_key = "..."                          # if the server needs one
-"""
+EXAMPLE_BASE_URL = "http://127.0.0.1:11434/v1"  # Ollama; LM Studio :1234, llama.cpp :8080
 
 
 def render_config(settings: Settings) -> str:
@@ -65,19 +61,30 @@ def _section(name: str, model: BaseModel, doc: str | None) -> str:
 def _upstreams(upstreams: dict[str, UpstreamSettings], doc: str | None) -> str:
     lines = _comment(doc)
     if not upstreams:
-        return "\n".join([*lines, EXAMPLE_UPSTREAM])
+        # An example to uncomment, listing every setting an upstream has: removing the
+        # first "# " of each line leaves the descriptions as comments.
+        example = UpstreamSettings(base_url=EXAMPLE_BASE_URL, prefix="local", api_key="")
+        block = _upstream_block("local", example)
+        commented = [f"#{line}" if line.startswith("#") else f"# {line}" for line in block]
+        return "\n".join([*lines, *commented]) + "\n"
     blocks = ["\n".join(lines)] if lines else []
     for name, upstream in upstreams.items():
-        block = [f"[upstreams.{name}]"]
-        for key, field in UpstreamSettings.model_fields.items():
-            value = getattr(upstream, key)
-            block += _comment(field.description)
-            if value is None:
-                block.append(f"# {key} = \"\"")
-            else:
-                block.append(f"{key} = {toml_value(value)}")
-        blocks.append("\n".join(block) + "\n")
+        blocks.append("\n".join(_upstream_block(name, upstream)) + "\n")
     return "\n".join(blocks)
+
+
+def _upstream_block(name: str, upstream: UpstreamSettings) -> list[str]:
+    block = [f"[upstreams.{toml_key(name)}]"]
+    for key, field in UpstreamSettings.model_fields.items():
+        value = getattr(upstream, key)
+        block += _comment(field.description)
+        block.append(f'# {key} = ""' if value is None else f"{key} = {toml_value(value)}")
+    return block
+
+
+def toml_key(key: str) -> str:
+    """A TOML key: bare when it can be, quoted otherwise (`lm.studio` -> `"lm.studio"`)."""
+    return key if key and all(c.isalnum() or c in "-_" for c in key) else json.dumps(key)
 
 
 def _table(name: str, table: dict[str, Any], doc: str | None) -> str:
@@ -85,7 +92,7 @@ def _table(name: str, table: dict[str, Any], doc: str | None) -> str:
     if not table:
         lines.append('# "gpt-4o*" = "openai"')
     for key, value in table.items():
-        lines.append(f"{json.dumps(key)} = {toml_value(value)}")
+        lines.append(f"{toml_key(key)} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 

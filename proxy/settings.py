@@ -11,13 +11,23 @@ import os
 import tomllib
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy.inject.templates import DEFAULT_TEMPLATES, Templates
+from proxy.memory.prompts import DEFAULT_PROMPTS, DESCRIPTIONS, Prompts
 
+ENV_PREFIX = "MNEMOPROXY_"
 CONFIG_ENV = "MNEMOPROXY_CONFIG"
 
 
@@ -26,7 +36,7 @@ class SettingsError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class ServerSettings(_Section):
@@ -236,6 +246,103 @@ class RequestLogSettings(_Section):
     keep_per_scope: int = Field(default=500, ge=0, description="Keep at most this many per scope.")
 
 
+class BackgroundSettings(_Section):
+    """Background LLM work after each reply: the rolling summary, facts and insights.
+    It runs only in free slots of the upstream (see [upstreams.*] slots) and never
+    delays a reply. Per scope it can be turned off with the scope setting "llm": false."""
+
+    llm: bool = Field(
+        default=True,
+        description="Ask a model to summarize, extract facts and reflect. Off: only the raw "
+        "turns are remembered.",
+    )
+    upstream: str = Field(
+        default="",
+        description="Upstream that does the background work. Empty: each conversation's own.",
+    )
+    model: str = Field(
+        default="",
+        description="Model for the background work. Empty: each conversation's own (with "
+        "upstream set: that upstream's default model).",
+    )
+    timeout: float = Field(
+        default=120.0, gt=0, description="Seconds one background request may take."
+    )
+    temperature: float = Field(
+        default=0.2, ge=0, le=2, description="Sampling temperature of background requests."
+    )
+    structured_output: Literal["json_schema", "json_object", "off"] = Field(
+        default="json_schema",
+        description="How to ask for JSON: json_schema (OpenAI, llama.cpp, LM Studio, Ollama "
+        "/v1), json_object, or off. An upstream that refuses it is asked without it.",
+    )
+    max_tokens: int = Field(
+        default=600, ge=64, description="Longest answer for facts and insights (tokens)."
+    )
+    summary: bool = Field(default=True, description="Keep a rolling summary of each chat.")
+    summary_every: int = Field(
+        default=8,
+        ge=1,
+        description="Update the summary once this many messages have left the model's window "
+        "since its last update.",
+    )
+    summary_words: int = Field(
+        default=250,
+        ge=20,
+        description="Longest summary, in words (keep it under [caps] summary tokens).",
+    )
+    summary_batch_tokens: int = Field(
+        default=2000,
+        ge=200,
+        description="Most message text (tokens, roughly) folded into the summary per request; "
+        "a longer backlog takes several.",
+    )
+    facts: bool = Field(default=True, description="Extract facts after each exchange.")
+    known_facts: int = Field(
+        default=8,
+        ge=0,
+        description="Related known facts shown with each extraction, so that repeats are "
+        "merged and changes supersede the old fact.",
+    )
+    reflection: bool = Field(default=True, description="Derive insights from new facts.")
+    reflect_threshold: float = Field(
+        default=5.0,
+        gt=0,
+        description="Reflect when the importance (0-1 each) of the facts not yet reflected "
+        "on adds up to this.",
+    )
+    reflect_insights: int = Field(
+        default=3, ge=1, le=10, description="Most insights per reflection."
+    )
+    max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Tries of a job whose upstream fails (with backoff) before it is given "
+        "up; the error stays on the job.",
+    )
+    backoff_seconds: float = Field(
+        default=30.0, ge=0, description="Wait before the first retry; doubles each time."
+    )
+
+
+def _prompt_settings() -> type[BaseModel]:
+    """A settings section with one string per prompt, defaulting to the built-in text."""
+    defaults = asdict(DEFAULT_PROMPTS)
+    return create_model(
+        "PromptSettings",
+        __base__=_Section,
+        __doc__="What background work asks the model. {{char}} and {{user}} are the "
+        "character's and the user's names; each prompt names its other placeholders.",
+        **{
+            f.name: (str, Field(default=defaults[f.name], description=DESCRIPTIONS[f.name]))
+            for f in fields(Prompts)
+        },
+    )
+
+
+PromptSettings = _prompt_settings()
+
+
 def _template_settings() -> type[BaseModel]:
     """A settings section with one string per template, defaulting to the built-in text."""
     defaults = asdict(DEFAULT_TEMPLATES)
@@ -244,7 +351,10 @@ def _template_settings() -> type[BaseModel]:
         __base__=_Section,
         __doc__="Everything the proxy writes for the model. {{char}} and {{user}} are the "
         "character's and the user's names.",
-        **{f.name: (str, Field(default=defaults[f.name])) for f in fields(Templates)},
+        **{
+            f.name: (str, Field(default=defaults[f.name], description=f.metadata.get("help")))
+            for f in fields(Templates)
+        },
     )
     return model
 
@@ -259,6 +369,7 @@ class Settings(BaseSettings):
         env_prefix="MNEMOPROXY_",
         env_nested_delimiter="__",
         extra="forbid",
+        hide_input_in_errors=True,  # a misspelt key name must not print the key itself
         nested_model_default_partial_update=True,
     )
 
@@ -277,10 +388,16 @@ class Settings(BaseSettings):
     embeddings: EmbeddingSettings = EmbeddingSettings()
     request_log: RequestLogSettings = RequestLogSettings()
     templates: TemplateSettings = TemplateSettings()  # type: ignore[valid-type]
+    background: BackgroundSettings = BackgroundSettings()
+    prompts: PromptSettings = PromptSettings()  # type: ignore[valid-type]
 
     def template_texts(self) -> Templates:
         """The configured templates as the inject layer takes them."""
         return Templates(**self.templates.model_dump())
+
+    def prompt_texts(self) -> Prompts:
+        """The configured prompts of background work."""
+        return Prompts(**self.prompts.model_dump())
 
     def upstream_names(self) -> list[str]:
         """Names of the configured upstreams, in config order."""
@@ -325,10 +442,14 @@ def load_settings(
 ) -> Settings:
     """Build the settings: defaults < config file < environment < `overrides` (CLI flags).
 
-    `overrides` is nested like the file: `{"server": {"port": 9000}}`.
+    `overrides` is nested like the file: `{"server": {"port": 9000}}`. Every error says
+    where the bad value came from: the file, the environment variable, or a flag.
     """
     path = config_path_from_env(config_path)
     file_data = read_config_file(path) if path else {}
+    overrides = overrides or {}
+    _check_environment_names()
+    where = _Origins(path, file_data, overrides)
 
     class _Sourced(Settings):
         @classmethod
@@ -343,23 +464,73 @@ def load_settings(
             return (init_settings, env_settings, _DictSource(settings_cls, file_data))
 
     try:
-        settings = _Sourced(**(overrides or {}))
-    except ValueError as exc:
-        where = f" (from {path})" if path else ""
-        raise SettingsError(f"invalid configuration{where}:\n{exc}") from exc
+        settings = _Sourced(**overrides)
+    except ValidationError as exc:
+        problems = [
+            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']} ({where.of(e['loc'])})"
+            for e in exc.errors(include_input=False)
+        ]
+        raise SettingsError("invalid configuration:\n" + "\n".join(problems)) from None
     for model, upstream in settings.routes.items():
         if upstream not in settings.upstreams:
-            raise SettingsError(f"route {model!r} points at unknown upstream {upstream!r}")
+            raise SettingsError(
+                f"route {model!r} points at unknown upstream {upstream!r} "
+                f"({where.of(('routes', model))})"
+            )
     backend = settings.embeddings.backend
     if backend not in ("sentence-transformers", "onnx", "upstream"):
         raise SettingsError(
-            f"embeddings.backend {backend!r} is not one of sentence-transformers, onnx, upstream"
+            f"embeddings.backend {backend!r} is not one of sentence-transformers, onnx, upstream "
+            f"({where.of(('embeddings', 'backend'))})"
         )
     if backend == "upstream" and settings.embeddings.upstream not in settings.upstreams:
         raise SettingsError(
-            "embeddings.backend = 'upstream' needs embeddings.upstream naming an upstream"
+            "embeddings.backend = 'upstream' needs embeddings.upstream naming an upstream "
+            f"({where.of(('embeddings', 'upstream'))})"
         )
     default = settings.server.default_upstream
     if default and default not in settings.upstreams:
-        raise SettingsError(f"server.default_upstream {default!r} is not a configured upstream")
+        raise SettingsError(
+            f"server.default_upstream {default!r} is not a configured upstream "
+            f"({where.of(('server', 'default_upstream'))})"
+        )
     return settings
+
+
+class _Origins:
+    """Which source gave a setting: a flag, an environment variable, or the file."""
+
+    def __init__(self, path: Path | None, file_data: dict[str, Any], overrides: dict[str, Any]):
+        self.path, self.file_data, self.overrides = path, file_data, overrides
+
+    def of(self, loc: tuple[Any, ...]) -> str:
+        keys = [str(k) for k in loc]
+        if _dig(self.overrides, keys):
+            return "from a command-line flag"
+        for n in range(len(keys), 0, -1):
+            name = ENV_PREFIX + "__".join(keys[:n]).upper()
+            if name in os.environ:
+                return f"from the environment variable {name}"
+        if self.path is not None and _dig(self.file_data, keys):
+            return f"in {self.path}"
+        return "a built-in default" if self.path is None else f"checked with {self.path}"
+
+
+def _dig(data: Any, keys: list[str]) -> bool:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True
+
+
+def _check_environment_names() -> None:
+    """A misspelt MNEMOPROXY_ variable would be ignored silently: refuse it instead."""
+    sections = set(Settings.model_fields)
+    for name in os.environ:
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        section = name[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if section not in sections:
+            known = ", ".join(ENV_PREFIX + s.upper() + "__..." for s in sorted(sections))
+            raise SettingsError(f"unknown environment variable {name} (known: {known})")

@@ -215,12 +215,6 @@ def test_upstream_api_key_wins_over_forward_client_key(
     assert upstream_authorizations(upstream) == [f"Bearer {UPSTREAM_KEY}"] * 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GET /v1/models lists through pool.fetch_json, which sends only the upstream's "
-    "api_key: with forward_client_key the client's key is not forwarded, so an upstream "
-    "that needs the user's own key cannot list models (SillyTavern's Connect fails)",
-)
 def test_forward_client_key_also_lists_models_with_the_clients_key(
     upstream: FakeUpstream, make_proxy: MakeProxy, make_client: MakeClient
 ) -> None:
@@ -302,11 +296,6 @@ def test_unreachable_upstream_error_does_not_show_the_key(make_proxy: MakeProxy)
         assert_no_secret(response, UPSTREAM_KEY)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upstream error body that quotes the key it was sent is relayed unchanged "
-    "(chat _pass_error, passthrough relay_bytes): the operator's key reaches every client",
-)
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_upstream_error_quoting_its_key_is_redacted(
     upstream: FakeUpstream, make_proxy: MakeProxy, path: str

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -45,32 +46,33 @@ def format_fields(template: str, values: Mapping[str, str]) -> str:
     return _FIELD.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
+def _text(help_text: str) -> Any:
+    return field(metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class Templates:
-    """Every text the memory block is made of. Each field is one template string."""
+    """Every text the memory block is made of. Each field is one template string;
+    `help` in its metadata says what it is (config.toml shows it)."""
 
-    # Opens the memory block: what it is, that it is dated, how to use it.
-    block_header: str
-    # Section headers, in the order the sections appear in the block.
-    scene_header: str
-    notes_header: str
-    summary_header: str
-    memories_header: str
-    style_header: str
-    # One remembered item: fields {date}, {speaker}, {text}.
-    memory_line: str
-    # One remembered item with no known speaker (a fact, a summary): {date}, {text}.
-    memory_line_unattributed: str
-    # How a date is written: fields {date} (YYYY-MM-DD) and {weekday} (Mon..Sun).
-    memory_date: str
-    # One pinned note: field {text}.
-    note_line: str
-    # Scene lines, one per known key of the scene mapping: {{value}} plus the names.
-    scene_character: str
-    scene_location: str
-    scene_user: str
-    # Any other scene key: {{key}} and {{value}}.
-    scene_other: str
+    block_header: str = _text(
+        "Opens the memory block: what it is, that it is dated, how to use it."
+    )
+    scene_header: str = _text("Header of the scene section (character, place, the user's name).")
+    notes_header: str = _text("Header of the pinned notes, which are always shown.")
+    summary_header: str = _text("Header of the rolling summary.")
+    memories_header: str = _text("Header of the retrieved memories.")
+    style_header: str = _text("Header of the style sample (an earlier reply of the character).")
+    memory_line: str = _text("One remembered item: fields {date}, {speaker}, {text}.")
+    memory_line_unattributed: str = _text(
+        "One remembered item with no known speaker (a fact, a summary): {date}, {text}."
+    )
+    memory_date: str = _text("How a date is written: {date} (YYYY-MM-DD) and {weekday} (Mon..Sun).")
+    note_line: str = _text("One pinned note: field {text}.")
+    scene_character: str = _text("Scene line of the character's description: {{value}}.")
+    scene_location: str = _text("Scene line of the current place: {{value}}.")
+    scene_user: str = _text("Scene line of the user's name: {{value}}.")
+    scene_other: str = _text("Any other scene line: {{key}} and {{value}}.")
 
 
 DEFAULT_TEMPLATES = Templates(

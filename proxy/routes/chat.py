@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from proxy.errors import ProxyError, UpstreamError, error_envelope
+from proxy.errors import ProxyError, UpstreamError
 from proxy.routes.http import (
     ClientGone,
     parse_json_object,
@@ -20,7 +20,7 @@ from proxy.routes.http import (
     send_error,
 )
 from proxy.routes.plan import ChatPlan
-from proxy.routes.relay import relay_sse, response_headers, run_until_disconnect
+from proxy.routes.relay import pass_error, relay_sse, response_headers, run_until_disconnect
 from proxy.routes.state import AppState
 from proxy.routes.validation import validate_chat_body
 from proxy.upstreams.client import upstream_headers
@@ -97,7 +97,7 @@ class ChatCompletions:
         plan: ChatPlan,
     ) -> None:
         if response.status_code >= 400:
-            await _pass_error(send, receive, response, upstream, plan.headers)
+            await pass_error(send, receive, response, upstream, plan.headers)
         elif body.get("stream") is True:
             reply = ReplyAccumulator()
             result = await relay_sse(
@@ -142,29 +142,6 @@ class ChatCompletions:
             content_type=response.headers.get("content-type", "application/json"),
             headers=_content_free(response_headers(response, plan.headers)),
         )
-
-
-async def _pass_error(
-    send: Send,
-    receive: Receive,
-    response: httpx.Response,
-    upstream: Upstream,
-    extra: dict[str, str],
-) -> None:
-    """Pass an upstream error status through with its body (wrapped if it is not JSON)."""
-    try:
-        content = await run_until_disconnect(receive, response.aread())
-    except ClientGone:
-        return
-    try:
-        parsed = json.loads(content)
-    except ValueError:
-        parsed = None
-    if not isinstance(parsed, dict) or "error" not in parsed:
-        text = content.decode("utf-8", "replace").strip()[:500]
-        message = f"upstream {upstream.name!r} answered {response.status_code}: {text}"
-        content = json.dumps(error_envelope(message, "upstream_error")).encode()
-    await send_bytes(send, response.status_code, content, headers=extra)
 
 
 def _content_free(headers: dict[str, str]) -> dict[str, str]:

@@ -32,10 +32,17 @@ async def readyz(request: Request) -> JSONResponse:
         return None
 
     results = await asyncio.gather(*(check(u) for u in upstreams))
+    ready = bool(upstreams) and all(err is None for err in results)
+    if state.auth.enabled:
+        try:
+            state.auth.identify({k.lower(): v for k, v in request.headers.items()})
+        except ProxyError:  # without a key: the verdict only, no upstream details
+            return JSONResponse(
+                {"status": "ready" if ready else "unavailable"}, status_code=200 if ready else 503
+            )
     report = {
         u.name: {"ok": err is None, "error": err} for u, err in zip(upstreams, results, strict=True)
     }
-    ready = bool(upstreams) and all(err is None for err in results)
     return JSONResponse(
         {"status": "ready" if ready else "unavailable", "upstreams": report},
         status_code=200 if ready else 503,

@@ -17,12 +17,17 @@ log = logging.getLogger("mnemoproxy.models")
 LIST_TIMEOUT = 10.0
 
 
-async def merged_models(state: AppState) -> tuple[list[dict], list[str]]:
+async def merged_models(
+    state: AppState, client_headers: dict[str, str] | None = None
+) -> tuple[list[dict], list[str]]:
     """Every upstream's models, each listed under an id that routes back to it, and the
     errors of the upstreams that did not answer."""
     upstreams = list(state.router.upstreams.values())
     results = await asyncio.gather(
-        *(list_models(state.pool, u, timeout=LIST_TIMEOUT) for u in upstreams),
+        *(
+            list_models(state.pool, u, timeout=LIST_TIMEOUT, client_headers=client_headers)
+            for u in upstreams
+        ),
         return_exceptions=True,
     )
     merged: dict[str, dict] = {}
@@ -42,8 +47,9 @@ async def merged_models(state: AppState) -> tuple[list[dict], list[str]]:
 async def models(request: Request) -> JSONResponse:
     """List the merged models; 502 only when no upstream answered."""
     state: AppState = request.app.state.proxy
-    state.auth.identify({k.lower(): v for k, v in request.headers.items()})
-    data, errors = await merged_models(state)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    state.auth.identify(headers)
+    data, errors = await merged_models(state, headers)
     for error in errors:
         log.warning("listing models: %s", error)
     if errors and not data:

@@ -8,7 +8,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.errors import ProxyError
 from proxy.routes.http import ClientGone, read_body, request_headers, send_error
-from proxy.routes.relay import relay_bytes, run_until_disconnect
+from proxy.routes.relay import pass_error, relay_bytes, run_until_disconnect
 from proxy.routes.state import AppState
 from proxy.upstreams.client import upstream_headers
 from proxy.upstreams.registry import Route
@@ -45,7 +45,10 @@ class PassThrough:
             await send_error(send, exc)
             return
         try:
-            await relay_bytes(send, receive, response, headers={})
+            if response.status_code >= 400:
+                await pass_error(send, receive, response, route.upstream, {})
+            else:
+                await relay_bytes(send, receive, response, headers={})
         finally:
             await response.aclose()
 

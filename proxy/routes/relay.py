@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,8 +18,8 @@ from typing import Any, TypeVar
 import httpx
 from starlette.types import Receive, Send
 
-from proxy.errors import ProxyError, UpstreamError, sse_error_event
-from proxy.routes.http import ClientGone, encode_headers
+from proxy.errors import ProxyError, UpstreamError, error_envelope, sse_error_event
+from proxy.routes.http import ClientGone, encode_headers, send_bytes
 from proxy.upstreams.client import translate_error
 from proxy.upstreams.registry import Upstream
 from proxy.upstreams.sse import DONE, EventSplitter, InvalidSSE
@@ -183,3 +184,29 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def pass_error(
+    send: Send,
+    receive: Receive,
+    response: httpx.Response,
+    upstream: Upstream,
+    extra: dict[str, str],
+) -> None:
+    """Pass an upstream error status through with its body (wrapped in OpenAI's envelope
+    if it is not one), with the upstream's own key blanked out should the body quote it."""
+    try:
+        content = await run_until_disconnect(receive, response.aread())
+    except ClientGone:
+        return
+    if upstream.api_key:
+        content = content.replace(upstream.api_key.encode(), b"***")
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or "error" not in parsed:
+        text = content.decode("utf-8", "replace").strip()[:500]
+        message = f"upstream {upstream.name!r} answered {response.status_code}: {text}"
+        content = json.dumps(error_envelope(message, "upstream_error")).encode()
+    await send_bytes(send, response.status_code, content, headers=extra)

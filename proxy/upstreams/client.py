@@ -83,11 +83,23 @@ class UpstreamPool:
             raise translate_error(upstream, exc) from exc
 
     async def fetch_json(
-        self, upstream: Upstream, method: str, url: str, *, timeout: float, body: object = None
+        self,
+        upstream: Upstream,
+        method: str,
+        url: str,
+        *,
+        timeout: float,
+        body: object = None,
+        client_headers: Mapping[str, str] | None = None,
     ) -> object:
-        """A small JSON request to this upstream's server (model lists, discovery)."""
+        """A small JSON request to this upstream's server (model lists, discovery).
+
+        `client_headers` are the app's request headers, when there is one: they carry
+        the client's key for an upstream with `forward_client_key`.
+        """
         client = self._clients[upstream.name]
-        headers = {"authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
+        headers = upstream_headers(upstream, client_headers or {})
+        headers.pop("content-type", None)
         try:
             response = await client.request(
                 method, url, json=body, headers=headers, timeout=timeout

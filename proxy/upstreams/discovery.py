@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -73,9 +73,17 @@ def _model_ids(listing: object) -> list[str]:
     return [m["id"] for m in data or () if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
-async def list_models(pool: UpstreamPool, upstream: Upstream, *, timeout: float) -> list[dict]:
+async def list_models(
+    pool: UpstreamPool,
+    upstream: Upstream,
+    *,
+    timeout: float,
+    client_headers: Mapping[str, str] | None = None,
+) -> list[dict]:
     """The upstream's `/v1/models` entries (dicts with at least an `id`)."""
-    listing = await pool.fetch_json(upstream, "GET", upstream.url("models"), timeout=timeout)
+    listing = await pool.fetch_json(
+        upstream, "GET", upstream.url("models"), timeout=timeout, client_headers=client_headers
+    )
     data = listing.get("data") if isinstance(listing, dict) else None
     return [m for m in data or () if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
