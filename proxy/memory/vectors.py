@@ -7,8 +7,8 @@ Vector layout (numbers from bench/knn.py, real MiniLM vectors):
   memories' vectors, packed per scope in blobs of up to ``PACK_SIZE`` entries.
 - ``knn`` reads the scope's packs (a few blobs, not one row per memory), ranks every
   entry by Hamming distance in numpy, re-scores the best ``k * OVERSAMPLE`` exactly
-  (cosine, from the float vectors) and returns the best ``k`` with their true cosine
-  similarities (higher = more similar).
+  with sqlite-vec's ``vec_distance_cosine`` over the float vectors, and returns the
+  best ``k`` with their true cosine similarities (higher = more similar).
 
 Why not a sqlite-vec ``vec0`` bit table: its KNN (0.1.9) selects the top k of each
 chunk in O(k * n), so the oversampled k that bit quantization needs is what costs:
@@ -435,23 +435,23 @@ def _scope_bits(
 def _rescore(
     conn: Connection, scope_id: int, memory_ids: list[int], query: np.ndarray
 ) -> list[VectorHit]:
-    """Exact cosine of the active memories of the scope among ``memory_ids``."""
-    found: list[int] = []
-    blobs: list[bytes] = []
+    """Exact cosine of the active memories of the scope among ``memory_ids``, computed
+    by sqlite-vec (``vec_distance_cosine``) next to the stored float32 vectors."""
+    hits: list[VectorHit] = []
+    blob = query.tobytes()
     for chunk in chunked(memory_ids):
-        for memory_id, blob in conn.execute(
-            "SELECT e.memory_id, e.vector FROM embeddings e JOIN memories m ON m.id = e.memory_id"
-            f" WHERE e.memory_id IN ({placeholders(chunk)})"
-            " AND +m.scope_id = ? AND +m.state = 'active'",  # ids first: see placeholders()
-            (*chunk, scope_id),
-        ):
-            found.append(memory_id)
-            blobs.append(blob)
-    if not found:
-        return []
-    matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found), -1)
-    sims = matrix @ query
-    return [VectorHit(m, float(s)) for m, s in zip(found, sims.tolist(), strict=True)]
+        hits += [
+            # A zero vector has no direction: sqlite-vec says NULL, we say 0.
+            VectorHit(memory_id, 0.0 if distance is None else 1.0 - distance)
+            for memory_id, distance in conn.execute(
+                "SELECT e.memory_id, vec_distance_cosine(e.vector, ?) FROM embeddings e"
+                " JOIN memories m ON m.id = e.memory_id"
+                f" WHERE e.memory_id IN ({placeholders(chunk)})"
+                " AND +m.scope_id = ? AND +m.state = 'active'",  # ids first: see placeholders()
+                (blob, *chunk, scope_id),
+            )
+        ]
+    return hits
 
 
 # -- keyword search ---------------------------------------------------------------

@@ -1,0 +1,460 @@
+"""Benchmark of memory on the request path (issue #3).
+
+    .venv/bin/python bench/memory.py                        # all three parts
+    .venv/bin/python bench/memory.py --sizes 10000 --requests 100 --skip-tokens
+
+(a) Added time to first byte with memory on, against the same request sent straight
+    to the upstream, paired request by request, for a scope holding N memories
+    (10k and 100k by default). The requests are SillyTavern-shaped (system prompts, a
+    greeting, 20 turns of history), each with a new last user message, so every one
+    pays a real query embedding; `X-Memory-Write: off` keeps the scope at N.
+(b) Upstream prompt tokens against the full history, for a long chat played turn by
+    turn through the proxy with an 8k context window (tokens saved).
+(c) Background embedding throughput: turns imported at once, timed until the worker
+    has embedded them all.
+
+The scope's memories are built straight into the database file (cached under
+bench/results/, git-ignored) with vectors made from real all-MiniLM-L6-v2 vectors of a
+varied corpus (plus noise beyond the corpus size: latency does not depend on it).
+Every server is its own process: the fake upstream (tests/fakes/upstream.py), the
+proxy (`python -m proxy start`). Timings on a shared 2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from proxy.memory import records, vectors  # noqa: E402
+from proxy.memory.record import new_message, store_messages  # noqa: E402
+from proxy.memory.store import Store  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+MODEL_ID = "all-MiniLM-L6-v2"
+
+
+def _knn_module() -> Any:
+    """bench/knn.py, for its corpus of real sentence vectors (cached on disk)."""
+    spec = importlib.util.spec_from_file_location("bench_knn", ROOT / "bench" / "knn.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- processes ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer")
+
+
+@contextmanager
+def fake_upstream(window: int) -> Iterator[str]:
+    """The fake upstream as its own process (llama.cpp flavour: it reports n_ctx)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.upstream",
+            "--port",
+            str(port),
+            "--chunks",
+            "20",
+            "--flavor",
+            "llamacpp",
+            "--context-window",
+            str(window),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", process)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextmanager
+def proxy(
+    upstream: str, db: Path, backend: str, extra_env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`mnemoproxy start` with memory on, over `db`."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMOPROXY_")}
+    env.update(
+        {
+            "MNEMOPROXY_MEMORY__DATABASE": str(db),
+            "MNEMOPROXY_EMBEDDINGS__BACKEND": backend,
+            "MNEMOPROXY_SERVER__LOG_LEVEL": "warning",
+            **(extra_env or {}),
+        }
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "start",
+            "--port",
+            str(port),
+            "--upstream",
+            f"local={upstream}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+# -- requests -----------------------------------------------------------------------
+
+
+def st_body(history: list[tuple[str, str]], question: str) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = [
+        {
+            "role": "system",
+            "content": "Write Mira's next reply in a fictional chat between Mira and Tom.",
+        },
+        {"role": "system", "content": "[Mira is a cartographer with a dry wit.]"},
+        {"role": "system", "content": "[Start a new Chat]"},
+        {"role": "assistant", "content": "*Mira looks up from the map.* Well met, traveler."},
+    ]
+    messages += [{"role": r, "content": t} for r, t in history]
+    messages.append({"role": "user", "content": question})
+    return {"model": "fake-model", "messages": messages, "stream": True, "max_tokens": 300}
+
+
+def ttfb(url: str, body: dict[str, Any], headers: dict[str, str]) -> float:
+    """Seconds until the first SSE data line, on a new connection (as SillyTavern does)."""
+    started = time.perf_counter()
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream(
+            "POST", url, json=body, headers={"Connection": "close", **headers}
+        ) as response,
+    ):
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: {response.status_code} {response.read()[:300]!r}")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                first = time.perf_counter() - started
+                break
+        else:
+            raise RuntimeError("no data event")
+        for _ in response.iter_lines():
+            pass
+    if "x-memory-error" in response.headers:
+        raise RuntimeError(f"memory error: {response.headers['x-memory-error']}")
+    return first
+
+
+def pct(samples: Sequence[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# -- (a) added time to first byte ------------------------------------------------------
+
+
+def build_scope_db(path: Path, size: int) -> None:
+    """A database whose scope `bench` holds `size` embedded turn memories."""
+    if path.exists():
+        return
+    knn = _knn_module()
+    texts, base = knn.real_vectors(min(size, 5000))
+    rng = np.random.default_rng(7)
+    tmp = path.with_suffix(".building")
+    for leftover in tmp.parent.glob(tmp.name + "*"):
+        leftover.unlink()
+    store = Store.open_sync(tmp)
+    try:
+        scope = store.write_sync(records.get_or_create_scope, "", "bench", "Mira", time.time())
+        start = time.time() - size * 60.0
+        batch = 5000
+        for offset in range(0, size, batch):
+            count = min(batch, size - offset)
+            rows = [
+                new_message(
+                    {
+                        "role": "user" if (offset + i) % 2 == 0 else "assistant",
+                        "content": f"{texts[(offset + i) % len(texts)]} (#{offset + i})",
+                    },
+                    seen_at=start + (offset + i) * 60.0,
+                    char="Mira",
+                    user="Tom",
+                )
+                for i in range(count)
+            ]
+            _, memory_ids = store.write_sync(
+                store_messages, scope.id, rows, thread=1, request_id=None, now=time.time()
+            )
+            index = np.arange(offset, offset + count) % len(base)
+            noisy = base[index] + rng.normal(0, 0.02, (count, base.shape[1])).astype(np.float32)
+            store.write_sync(
+                vectors.store_vectors, MODEL_ID, list(zip(memory_ids, noisy, strict=True))
+            )
+            store.write_sync(lambda conn: conn.execute("UPDATE jobs SET state = 'done'"))
+            print(f"  built {offset + count}/{size} memories", file=sys.stderr)
+    finally:
+        store.close_sync()
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(str(tmp) + suffix)
+        if src.exists():
+            src.rename(Path(str(path) + suffix))
+
+
+def measure_overhead(upstream: str, db: Path, backend: str, requests: int) -> dict[str, float]:
+    history = [
+        ("user" if i % 2 == 0 else "assistant", f"Turn {i}: we follow the river road north.")
+        for i in range(20)
+    ]
+    rng = random.Random(3)
+    words = [
+        "lighthouse",
+        "sister",
+        "archive",
+        "comet",
+        "observatory",
+        "harbor",
+        "lantern",
+        "promise",
+        "bridge",
+        "winter",
+    ]
+    with proxy(upstream, db, backend) as url:
+        headers = {"X-Memory-Scope": "bench", "X-Memory-Write": "off"}
+        # Warm up: the model loads in the background; wait until recall uses it.
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                ttfb(f"{url}/v1/chat/completions", st_body(history, "warm up"), headers)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        for i in range(10):
+            ttfb(f"{url}/v1/chat/completions", st_body(history, f"warm {i}"), headers)
+        direct, through, added = [], [], []
+        for i in range(requests):
+            question = f"Do you remember the {rng.choice(words)} and the {rng.choice(words)}? ({i})"
+            body = st_body(history, question)
+            pair = [
+                ("direct", f"{upstream}/chat/completions", {}),
+                ("proxy", f"{url}/v1/chat/completions", headers),
+            ]
+            if i % 2:
+                pair.reverse()
+            got = {name: ttfb(u, body, h) for name, u, h in pair}
+            direct.append(got["direct"])
+            through.append(got["proxy"])
+            added.append(got["proxy"] - got["direct"])
+    ms = 1000.0
+    return {
+        "direct_p50_ms": pct(direct, 0.5) * ms,
+        "direct_p95_ms": pct(direct, 0.95) * ms,
+        "proxy_p50_ms": pct(through, 0.5) * ms,
+        "proxy_p95_ms": pct(through, 0.95) * ms,
+        "added_p50_ms": pct(added, 0.5) * ms,
+        "added_p95_ms": pct(added, 0.95) * ms,
+        "requests": requests,
+    }
+
+
+# -- (b) tokens saved -------------------------------------------------------------------
+
+
+def measure_tokens(upstream: str, db: Path, backend: str, turns: int) -> dict[str, float]:
+    rng = random.Random(5)
+    topics = ["the river", "the old map", "the storm", "the market", "the harbor", "the letters"]
+    history: list[tuple[str, str]] = []
+    original = sent = 0
+    with proxy(upstream, db, backend) as url, httpx.Client(timeout=60) as client:
+        for i in range(turns):
+            question = (
+                f"Turn {i}: tell me more about {rng.choice(topics)} "
+                + "and what it means " * rng.randint(1, 8)
+            )
+            response = client.post(
+                f"{url}/v1/chat/completions",
+                json={**st_body(history, question), "stream": False},
+                headers={"X-Memory-Scope": "tokens"},
+            )
+            response.raise_for_status()
+            tokens_sent = int(response.headers["x-memory-prompt-tokens"])
+            sent += tokens_sent
+            original += tokens_sent + int(response.headers["x-memory-tokens-saved"])
+            history += [
+                ("user", question),
+                ("assistant", response.json()["choices"][0]["message"]["content"]),
+            ]
+    return {
+        "turns": turns,
+        "full_history_tokens_total": original,
+        "sent_tokens_total": sent,
+        "saved_fraction": 1 - sent / original if original else 0.0,
+        "last_request_full_tokens": tokens_sent + int(response.headers["x-memory-tokens-saved"]),
+        "last_request_sent_tokens": tokens_sent,
+    }
+
+
+# -- (c) embedding throughput ----------------------------------------------------------
+
+
+def measure_embedding(upstream: str, db: Path, backend: str, turns: int) -> dict[str, float]:
+    knn = _knn_module()
+    texts, _ = knn.real_vectors(min(turns, 5000))
+    header = json.dumps({"user_name": "Tom", "character_name": "Mira"})
+    lines = [header] + [
+        json.dumps(
+            {
+                "name": "Tom" if i % 2 == 0 else "Mira",
+                "is_user": i % 2 == 0,
+                "is_system": False,
+                "send_date": 1_700_000_000_000 + i * 60_000,
+                "mes": texts[i % len(texts)],
+            }
+        )
+        for i in range(turns)
+    ]
+    with proxy(upstream, db, backend) as url, httpx.Client(timeout=300) as client:
+        # Wait until the embedder is ready (a request without X-Memory-Error).
+        deadline = time.monotonic() + 180
+        while (
+            "x-memory-error"
+            in client.post(
+                f"{url}/v1/chat/completions",
+                json={**st_body([], "ready?"), "stream": False},
+                headers={"X-Memory-Scope": "probe", "X-Memory-Write": "off"},
+            ).headers
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the embedder did not get ready")
+            time.sleep(0.5)
+        started = time.perf_counter()
+        response = client.post(
+            f"{url}/memory/scopes/embed-bench/import/sillytavern",
+            content="\n".join(lines).encode(),
+            headers={"content-type": "application/x-ndjson"},
+        )
+        response.raise_for_status()
+        store = Store.open_sync(db)
+        try:
+            while True:
+                left = store.read_sync(
+                    lambda c: c.execute(
+                        "SELECT count(*) FROM memories WHERE embedded = 0 AND state = 'active'"
+                    ).fetchone()[0]
+                )
+                if left == 0:
+                    break
+                time.sleep(0.2)
+        finally:
+            store.close_sync()
+        elapsed = time.perf_counter() - started
+    return {"turns": turns, "seconds": elapsed, "turns_per_s": turns / elapsed}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000", help="memories in the scope for (a)")
+    parser.add_argument("--requests", type=int, default=200, help="paired requests per size")
+    parser.add_argument("--backend", default="sentence-transformers", help="embedding backend")
+    parser.add_argument("--token-turns", type=int, default=200, help="turns of the chat in (b)")
+    parser.add_argument("--embed-turns", type=int, default=1000, help="turns imported in (c)")
+    parser.add_argument("--skip-tokens", action="store_true")
+    parser.add_argument("--skip-embedding", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"backend": args.backend, "overhead": {}}
+    with fake_upstream(window=8192) as upstream:
+        for size in [int(s) for s in args.sizes.split(",") if s]:
+            db = RESULTS / f"memory-bench-{size}.db"
+            build_scope_db(db, size)
+            results["overhead"][size] = measure_overhead(upstream, db, args.backend, args.requests)
+            print(f"(a) {size} memories: {json.dumps(results['overhead'][size])}", file=sys.stderr)
+        scratch = RESULTS / "memory-bench-scratch.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(scratch) + suffix).unlink(missing_ok=True)
+        if not args.skip_tokens:
+            results["tokens"] = measure_tokens(upstream, scratch, args.backend, args.token_turns)
+        if not args.skip_embedding:
+            results["embedding"] = measure_embedding(
+                upstream, scratch, args.backend, args.embed_turns
+            )
+    print()
+    print(f"memory on the request path (backend: {args.backend})")
+    print("memories   direct p50/p95 ms   proxy p50/p95 ms   added p50/p95 ms")
+    for size, r in results["overhead"].items():
+        print(
+            f"{size:>8}   {r['direct_p50_ms']:7.1f} /{r['direct_p95_ms']:6.1f}   "
+            f"{r['proxy_p50_ms']:7.1f} /{r['proxy_p95_ms']:6.1f}   "
+            f"{r['added_p50_ms']:7.1f} /{r['added_p95_ms']:6.1f}"
+        )
+    if "tokens" in results:
+        t = results["tokens"]
+        print(
+            f"tokens: {t['turns']} turns, full history {t['full_history_tokens_total']} tokens "
+            "in all, "
+            f"sent {t['sent_tokens_total']} ({100 * t['saved_fraction']:.0f}% saved); last request "
+            f"{t['last_request_sent_tokens']} of {t['last_request_full_tokens']}"
+        )
+    if "embedding" in results:
+        e = results["embedding"]
+        print(
+            f"background embedding: {e['turns']} turns in {e['seconds']:.1f} s"
+            f" = {e['turns_per_s']:.0f} turns/s"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
