@@ -139,124 +139,71 @@ def export_scope(conn: Connection, scope_id: int) -> dict[str, Any]:
     }
 
 
-def import_scope(
-    conn: Connection, scope_id: int, doc: dict[str, Any], *, append: bool, now: float
-) -> dict[str, Any]:
-    """Restore a scope document into the scope (one transaction); return what was added.
-
-    ``doc`` has the document's shape (the route validated it); references inside it
-    (sources, ``superseded_by``, the style's message) are checked here. Into an empty
-    scope everything is restored as it was, dates and settings included. With
-    ``append``, the document's chats become new threads after the scope's own
-    messages, and the scope keeps its own summary, style sample and settings.
-    """
+def check_document(doc: dict[str, Any]) -> None:
+    """Refuse a document whose parts do not fit together (before anything is written):
+    its format, duplicate seqs or refs, sources, ``superseded_by`` or the style's
+    message naming what the document does not hold."""
     if _get(doc, "format", FORMAT) != FORMAT or _get(doc, "version", VERSION) != VERSION:
         raise ValueError(
             f"not a {FORMAT} document of version {VERSION} "
             f"(format {doc.get('format')!r}, version {doc.get('version')!r})"
         )
-    if has_messages(conn, scope_id) and not append:
-        raise Refused(_not_empty())
-    fresh = _is_empty(conn, scope_id)
-    seq_offset, thread_offset = _offsets(conn, scope_id)
-    message_ids = _restore_messages(conn, scope_id, doc.get("messages") or [], seq_offset, now)
-    memory_ids = _restore_memories(conn, scope_id, doc.get("memories") or [], message_ids, now)
-    if thread_offset:
-        conn.execute(
-            "UPDATE messages SET thread = thread + ? WHERE scope_id = ? AND seq > ?",
-            (thread_offset, scope_id, seq_offset),
-        )
-    kept: list[str] = []
-    summaries = doc.get("summaries") or []
-    had_summary = scope_state.current_summary(conn, scope_id) is not None
-    if had_summary and any(_get(s, "state", "active") == "active" for s in summaries):
-        kept.append("summary")
-    has_summary = had_summary
-    for summary in summaries:
-        state = _get(summary, "state", "active")
-        if state == "active" and has_summary:
-            state = "archived"  # one active summary: the scope's own, or the first
-        conn.execute(
-            "INSERT INTO summaries (scope_id, text, created_at, covers_until_seq, state, meta)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                scope_id,
-                summary["text"],
-                _get(summary, "created_at", now),
-                _get(summary, "covers_until_seq", 0) + seq_offset,
-                state,
-                json.dumps(summary.get("meta") or {}, ensure_ascii=False),
-            ),
-        )
-        has_summary = has_summary or state == "active"
-    style = doc.get("style")
-    if style is not None:
-        if scope_state.get_style(conn, scope_id) is not None:
-            kept.append("style")
-        else:
-            seq = style.get("message_seq")
-            if seq is not None and seq not in message_ids:
-                raise ValueError(f"style.message_seq {seq} is not a message of the document")
-            conn.execute(
-                "INSERT INTO style (scope_id, text, message_id, source, enabled, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    scope_id,
-                    style["text"],
-                    message_ids.get(seq) if seq is not None else None,
-                    _get(style, "source", "manual"),
-                    int(_get(style, "enabled", True)),
-                    _get(style, "updated_at", now),
-                ),
-            )
-    scope = doc.get("scope") or {}
-    if fresh:
-        conn.execute(
-            "UPDATE scopes SET label = coalesce(?, label), created_at = ?, last_seen = ?,"
-            " settings = ? WHERE id = ?",
-            (
-                scope.get("label"),
-                _get(scope, "created_at", now),
-                _get(scope, "last_seen", now),
-                json.dumps(scope.get("settings") or {}),
-                scope_id,
-            ),
-        )
-    elif scope.get("label"):
-        conn.execute(
-            "UPDATE scopes SET label = ? WHERE id = ? AND label IS NULL",
-            (scope["label"], scope_id),
-        )
+    seqs: set[int] = set()
+    for seq in _seqs(doc.get("messages") or []):
+        if seq in seqs:
+            raise ValueError(f"message seq {seq} appears twice in the document")
+        seqs.add(seq)
     memories = doc.get("memories") or []
-    active = [
-        memory_ids[ref]
-        for ref, m in zip(_refs(memories), memories, strict=True)
-        if _get(m, "state", "active") == "active"
-    ]
-    if active:
-        jobs.enqueue(conn, EMBED_JOB, {"memory_ids": active}, scope_id, now)
-    return {
-        "messages": len(message_ids),
-        "memories": len(memory_ids),
-        "summaries": len(summaries),
-        "style": style is not None and "style" not in kept,
-        "kept_existing": kept,
-    }
+    refs = _refs(memories)
+    if len(set(refs)) != len(refs):
+        raise ValueError("a memory ref appears twice in the document")
+    for ref, memory in zip(refs, memories, strict=True):
+        missing = [s for s in memory.get("sources") or () if s not in seqs]
+        if missing:
+            raise ValueError(f"memory {ref}'s sources {missing} are not messages of the document")
+        later = memory.get("superseded_by")
+        if later is not None and later not in refs:
+            raise ValueError(f"memory {ref} is superseded by {later}, not in the document")
+    style = doc.get("style") or {}
+    if style.get("message_seq") is not None and style["message_seq"] not in seqs:
+        raise ValueError(
+            f"style.message_seq {style['message_seq']} is not a message of the document"
+        )
 
 
-def _restore_messages(
+@dataclass(frozen=True)
+class ImportPlan:
+    """Where an imported document goes in its scope."""
+
+    seq_offset: int  # after the scope's last message
+    thread_offset: int  # its chats after the scope's own
+    fresh: bool  # the scope was empty: its dates, label and settings come from the document
+
+
+def begin_import(conn: Connection, scope_id: int, *, append: bool) -> ImportPlan:
+    """Check that the scope may take an import (Refused if it has messages and not
+    ``append``) and say where the document's messages go."""
+    last_seq, last_thread, count = conn.execute(
+        "SELECT coalesce(max(seq), 0), coalesce(max(thread), 0), count(*) FROM messages"
+        " WHERE scope_id = ?",
+        (scope_id,),
+    ).fetchone()
+    if count and not append:
+        raise Refused(_not_empty())
+    return ImportPlan(last_seq, last_thread + 1 if count else 0, _is_empty(conn, scope_id))
+
+
+def restore_messages(
     conn: Connection,
     scope_id: int,
     messages: Sequence[dict[str, Any]],
-    seq_offset: int,
+    seqs: Sequence[int],
+    plan: ImportPlan,
     now: float,
 ) -> dict[int, int]:
-    """Insert the document's messages as they were; return {document seq: new id}."""
+    """Insert messages of the document as they were; return {document seq: new id}."""
     ids: dict[int, int] = {}
-    for position, message in enumerate(messages, start=1):
-        seq = _get(message, "seq", position)
-        if seq in ids:
-            raise ValueError(f"message seq {seq} appears twice in the document")
+    for seq, message in zip(seqs, messages, strict=True):
         raw = message.get("raw") or {"role": message["role"], "content": message["content"]}
         state = _get(message, "state", "active")
         ids[seq] = conn.execute(
@@ -265,7 +212,7 @@ def _restore_messages(
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 scope_id,
-                seq + seq_offset,
+                seq + plan.seq_offset,
                 message["role"],
                 message.get("speaker"),
                 message["content"],
@@ -275,28 +222,24 @@ def _restore_messages(
                 state,
                 message.get("request_id"),
                 _get(message, "undone_at", now if state == "undone" else None),
-                _get(message, "thread", 0),
+                _get(message, "thread", 0) + plan.thread_offset,
             ),
         ).lastrowid
     return ids
 
 
-def _restore_memories(
+def restore_memories(
     conn: Connection,
     scope_id: int,
     memories: Sequence[dict[str, Any]],
+    refs: Sequence[int],
     message_ids: dict[int, int],
     now: float,
 ) -> dict[int, int]:
-    """Insert the document's memories with their states; return {ref: new id}."""
+    """Insert memories of the document with their states; return {ref: new id}.
+    (Links to later memories, ``superseded_by``, are made by ``finish_import``.)"""
     ids: dict[int, int] = {}
-    refs = _refs(memories)
     for ref, memory in zip(refs, memories, strict=True):
-        if ref in ids:
-            raise ValueError(f"memory ref {ref} appears twice in the document")
-        missing = [s for s in memory.get("sources") or () if s not in message_ids]
-        if missing:
-            raise ValueError(f"memory {ref}'s sources {missing} are not messages of the document")
         (ids[ref],) = records.insert_memories(
             conn,
             [
@@ -315,16 +258,140 @@ def _restore_memories(
             ],
             _get(memory, "created_at", now),
         )
-    for ref, memory in zip(refs, memories, strict=True):
-        state, later = _get(memory, "state", "active"), memory.get("superseded_by")
-        if later is not None and later not in ids:
-            raise ValueError(f"memory {ref} is superseded by {later}, not in the document")
-        if state != "active" or later is not None:
-            conn.execute(
-                "UPDATE memories SET state = ?, superseded_by = ? WHERE id = ?",
-                (state, ids.get(later) if later is not None else None, ids[ref]),
-            )
+        state = _get(memory, "state", "active")
+        if state != "active":
+            conn.execute("UPDATE memories SET state = ? WHERE id = ?", (state, ids[ref]))
     return ids
+
+
+def finish_import(
+    conn: Connection,
+    scope_id: int,
+    doc: dict[str, Any],
+    message_ids: dict[int, int],
+    memory_ids: dict[int, int],
+    plan: ImportPlan,
+    now: float,
+) -> dict[str, Any]:
+    """The rest of a document, once its messages and memories are in: links between
+    memories, summaries, the style sample, the scope's own fields, the embedding job."""
+    memories = doc.get("memories") or []
+    for ref, memory in zip(_refs(memories), memories, strict=True):
+        if memory.get("superseded_by") is not None:
+            conn.execute(
+                "UPDATE memories SET superseded_by = ? WHERE id = ?",
+                (memory_ids[memory["superseded_by"]], memory_ids[ref]),
+            )
+    kept: list[str] = []
+    summaries = doc.get("summaries") or []
+    has_summary = scope_state.current_summary(conn, scope_id) is not None
+    if has_summary and any(_get(s, "state", "active") == "active" for s in summaries):
+        kept.append("summary")
+    for summary in summaries:
+        state = _get(summary, "state", "active")
+        if state == "active" and has_summary:
+            state = "archived"  # one active summary: the scope's own, or the first
+        conn.execute(
+            "INSERT INTO summaries (scope_id, text, created_at, covers_until_seq, state, meta)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                scope_id,
+                summary["text"],
+                _get(summary, "created_at", now),
+                _get(summary, "covers_until_seq", 0) + plan.seq_offset,
+                state,
+                json.dumps(summary.get("meta") or {}, ensure_ascii=False),
+            ),
+        )
+        has_summary = has_summary or state == "active"
+    style = doc.get("style")
+    if style is not None and scope_state.get_style(conn, scope_id) is not None:
+        kept.append("style")
+    elif style is not None:
+        seq = style.get("message_seq")
+        conn.execute(
+            "INSERT INTO style (scope_id, text, message_id, source, enabled, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                scope_id,
+                style["text"],
+                message_ids.get(seq) if seq is not None else None,
+                _get(style, "source", "manual"),
+                int(_get(style, "enabled", True)),
+                _get(style, "updated_at", now),
+            ),
+        )
+    scope = doc.get("scope") or {}
+    if plan.fresh:
+        conn.execute(
+            "UPDATE scopes SET label = coalesce(?, label), created_at = ?, last_seen = ?,"
+            " settings = ? WHERE id = ?",
+            (
+                scope.get("label"),
+                _get(scope, "created_at", now),
+                _get(scope, "last_seen", now),
+                json.dumps(scope.get("settings") or {}),
+                scope_id,
+            ),
+        )
+    elif scope.get("label"):
+        conn.execute(
+            "UPDATE scopes SET label = ? WHERE id = ? AND label IS NULL",
+            (scope["label"], scope_id),
+        )
+    active = [
+        memory_ids[ref]
+        for ref, m in zip(_refs(memories), memories, strict=True)
+        if _get(m, "state", "active") == "active"
+    ]
+    if active:
+        jobs.enqueue(conn, EMBED_JOB, {"memory_ids": active}, scope_id, now)
+    return {
+        "messages": len(message_ids),
+        "memories": len(memory_ids),
+        "summaries": len(summaries),
+        "style": style is not None and "style" not in kept,
+        "kept_existing": kept,
+    }
+
+
+async def import_scope(
+    store: Store,
+    scope_id: int,
+    doc: dict[str, Any],
+    *,
+    append: bool,
+    now: float,
+    batch: int = BATCH,
+) -> dict[str, Any]:
+    """Restore a scope document into the scope; return what was added.
+
+    ``doc`` has the document's shape (the route validated it); it is checked whole
+    (``check_document``) before anything is written, then written ``batch`` messages
+    or memories per transaction, so that live chats are never kept waiting long.
+    Into an empty scope everything is restored as it was, dates and settings included.
+    With ``append``, the document's chats become new threads after the scope's own
+    messages, and the scope keeps its own summary, style sample and settings.
+    """
+    check_document(doc)
+    plan = await store.write(begin_import, scope_id, append=append)
+    messages = doc.get("messages") or []
+    seqs = _seqs(messages)
+    message_ids: dict[int, int] = {}
+    for start in range(0, len(messages), batch):
+        end = start + batch
+        message_ids |= await store.write(
+            restore_messages, scope_id, messages[start:end], seqs[start:end], plan, now
+        )
+    memories = doc.get("memories") or []
+    refs = _refs(memories)
+    memory_ids: dict[int, int] = {}
+    for start in range(0, len(memories), batch):
+        end = start + batch
+        memory_ids |= await store.write(
+            restore_memories, scope_id, memories[start:end], refs[start:end], message_ids, now
+        )
+    return await store.write(finish_import, scope_id, doc, message_ids, memory_ids, plan, now)
 
 
 def _get(item: dict[str, Any], key: str, default: Any) -> Any:
@@ -334,30 +401,24 @@ def _get(item: dict[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def _seqs(messages: Sequence[dict[str, Any]]) -> list[int]:
+    """Each message's seq: as given, else its position (from 1)."""
+    return [_get(m, "seq", position) for position, m in enumerate(messages, start=1)]
+
+
 def _refs(memories: Sequence[dict[str, Any]]) -> list[int]:
     """Each memory's ref: as given, else its position (from 1)."""
-    return [m.get("ref") or position for position, m in enumerate(memories, start=1)]
+    return [_get(m, "ref", position) for position, m in enumerate(memories, start=1)]
 
 
 def _is_empty(conn: Connection, scope_id: int) -> bool:
     """No messages, memories, summaries, style sample or settings: a new scope."""
     for table in ("messages", "memories", "summaries", "style"):
-        if conn.execute(
-            f"SELECT 1 FROM {table} WHERE scope_id = ? LIMIT 1", (scope_id,)
-        ).fetchone():
+        sql = f"SELECT 1 FROM {table} WHERE scope_id = ? LIMIT 1"
+        if conn.execute(sql, (scope_id,)).fetchone():
             return False
     row = conn.execute("SELECT settings FROM scopes WHERE id = ?", (scope_id,)).fetchone()
     return row is not None and not json.loads(row[0])
-
-
-def _offsets(conn: Connection, scope_id: int) -> tuple[int, int]:
-    """Where appended messages start: after the last seq, in threads after the last one."""
-    last_seq, last_thread, count = conn.execute(
-        "SELECT coalesce(max(seq), 0), coalesce(max(thread), 0), count(*) FROM messages"
-        " WHERE scope_id = ?",
-        (scope_id,),
-    ).fetchone()
-    return last_seq, (last_thread + 1 if count else 0)
 
 
 def _not_empty() -> str:

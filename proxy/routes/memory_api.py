@@ -16,6 +16,7 @@ store opened from the file, with a fixed caller and no running proxy.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -411,17 +412,26 @@ async def export_scope(call: Call) -> Any:
 
 
 async def import_scope(call: Call) -> Any:
-    doc = call.body.model_dump()
+    doc = await asyncio.to_thread(_document, call.body)
     scope = await call.scope(create=True)
-    result = await call.write(
-        scope, exchange.import_scope, scope.id, doc, append=call.query.append, now=call.now
-    )
+    try:
+        result = await exchange.import_scope(
+            call.service.store, scope.id, doc, append=call.query.append, now=call.now
+        )
+    finally:
+        call.service.forget(None, scope.id)
     call.service.wake()
     return result
 
 
+def _document(body: api.ScopeDocument) -> dict[str, Any]:
+    doc = body.model_dump()
+    exchange.check_document(doc)  # before the scope is made
+    return doc
+
+
 async def import_sillytavern(call: Call) -> Any:
-    chat = parse_chat(call.body.splitlines())
+    chat = await asyncio.to_thread(parse_chat, call.body.splitlines())
     if not chat.messages:
         problems = "; ".join(f"line {e.line}: {e.message}" for e in chat.errors[:5])
         raise BadRequest(
@@ -443,7 +453,7 @@ async def import_sillytavern(call: Call) -> Any:
 
 async def import_card(call: Call) -> Any:
     try:
-        card = parse_card(call.body, call.query.filename)
+        card = await asyncio.to_thread(parse_card, call.body, call.query.filename)
     except CardError as exc:
         raise BadRequest(f"not a usable character card: {exc}") from exc
     scope = await call.scope(create=True)
@@ -719,6 +729,7 @@ OPERATIONS: list[Operation] = [
         "import",
         query=_Q,
         response=api.ScopeDocument,
+        heavy=True,
     ),
     Operation(
         "POST",
@@ -730,6 +741,7 @@ OPERATIONS: list[Operation] = [
         body=api.ScopeDocument,
         response=api.ImportResult,
         errors=_UPLOAD,
+        heavy=True,
     ),
     Operation(
         "POST",
@@ -741,6 +753,7 @@ OPERATIONS: list[Operation] = [
         raw_body=("application/x-ndjson", "text/plain", "application/octet-stream"),
         response=api.ChatImportResult,
         errors=_UPLOAD,
+        heavy=True,
     ),
     Operation(
         "POST",
@@ -752,6 +765,7 @@ OPERATIONS: list[Operation] = [
         raw_body=("image/png", "application/json", "application/octet-stream"),
         response=api.CardResult,
         errors=_UPLOAD,
+        heavy=True,
     ),
 ]
 
@@ -786,6 +800,9 @@ def _endpoint(op: Operation) -> Callable[[Request], Awaitable[Response]]:
             return JSONResponse(exc.envelope(), status_code=exc.status)
         if op.response is None:
             return Response(status_code=op.status)
+        if op.heavy:
+            content = await asyncio.to_thread(_render, result)
+            return Response(content, op.status, media_type="application/json")
         return JSONResponse(result, status_code=op.status)
 
     endpoint.__name__ = op.handler.__name__
@@ -801,11 +818,14 @@ async def _run(op: Operation, request: Request) -> Any:
         raise NotFound(f"no memory {params['memory_id']} in this scope")
     body: Any = None
     if op.body is not None or op.raw_body:
-        limit = service.max_body_bytes
-        if op.path.split("/")[-1] in ("import", "sillytavern", "card"):
-            limit = max(limit, IMPORT_BODY_BYTES)
+        limit = max(service.max_body_bytes, IMPORT_BODY_BYTES if op.heavy else 0)
         raw = await _read_body(request, limit)
-        body = raw if op.raw_body else _model(op.body, _json(raw), "body")
+        if op.raw_body:
+            body = raw
+        elif op.heavy:
+            body = await asyncio.to_thread(_parse, op.body, raw)
+        else:
+            body = _parse(op.body, raw)
     requested = getattr(query, "owner", None)
     call = Call(
         service=service,
@@ -846,6 +866,14 @@ def _owner(identity: Identity, requested: str | None) -> str | None:
     if requested is None or requested == identity.owner:
         return identity.owner
     return requested if identity.admin else None
+
+
+def _parse(model: type[M], raw: bytes) -> M:
+    return _model(model, _json(raw), "body")
+
+
+def _render(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
 
 
 def _model(model: type[M], data: Any, where: str) -> M:

@@ -486,6 +486,7 @@ class Operation:
     response: type[BaseModel] | None = None  # None: 204 No Content
     status: int = 200
     errors: tuple[int, ...] = (400, 401, 404, 503)
+    heavy: bool = False  # big documents: parse and render them off the event loop
 
 
 PATH_PARAMS: dict[str, dict[str, Any]] = {
