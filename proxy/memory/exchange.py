@@ -7,6 +7,7 @@
   from 1), so that export, import into a new scope and export again give the same
   document apart from the scope's name. Vectors are left out (they are the embedding
   model's, and are made again after an import), as are the request log and jobs.
+  An import is checked whole before anything is written, then written in batches.
 - Chats (SillyTavern files, or messages posted in batches) go through the write path of
   live turns (``record.store_messages``), each chat into a new thread, a few hundred
   messages per write transaction so that the writer is never held for long.
