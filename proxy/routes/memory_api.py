@@ -1,9 +1,9 @@
 """/memory: see and steer what the proxy remembers (JSON over HTTP).
 
 Every endpoint is one `Operation` in `OPERATIONS` (method, path, handler, shapes);
-`routes()` turns them into Starlette routes and `openapi.openapi_document` into the
-description served at /memory/openapi.json. The work itself is in
-`proxy.memory.manage` and `proxy.memory.exchange`.
+`routes()` turns them into Starlette routes (served by `memory_calls.endpoint`) and
+`openapi.openapi_document` into the description served at /memory/openapi.json. The
+work itself is in `proxy.memory.manage` and `proxy.memory.exchange`.
 
 Scopes are addressed by name within the caller's owner (its key); an admin key may
 name another owner with `?owner=`. A scope of another key answers 404 exactly as a
@@ -17,123 +17,39 @@ store opened from the file, with a fixed caller and no running proxy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Any, TypeVar
+from dataclasses import replace
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
-from proxy.errors import (
-    BadRequest,
-    Conflict,
-    InvalidScopeName,
-    NotFound,
-    PayloadTooLarge,
-    ProxyError,
-    ServiceUnavailable,
-    error_envelope,
-)
+from proxy.errors import BadRequest, NotFound, error_envelope
 from proxy.memory import exchange, manage, records
-from proxy.memory.embed import CachedEmbedder
 from proxy.memory.importers import CardError, parse_card, parse_chat
 from proxy.memory.manage import Housekeeping
-from proxy.memory.rank import Weights
-from proxy.memory.records import ScopeRow
-from proxy.memory.scope import InvalidScope, validate_scope_name
 from proxy.memory.store import Store
 from proxy.memory.worker import Worker
 from proxy.metrics import Metrics
 from proxy.routes import openapi as api
-from proxy.routes.auth import Identity
+from proxy.routes.memory_calls import (
+    Call,
+    MemoryService,
+    choices,
+    endpoint,
+    parse_date,
+    scope_name,
+)
 from proxy.routes.openapi import Operation
-from proxy.routes.remember import Remember
 from proxy.settings import Settings
 
 log = logging.getLogger("mnemoproxy.memory_api")
 
 API_VERSION = "1"
-# A scope document or a chat file may be far larger than a chat request.
-IMPORT_BODY_BYTES = 512 * 1024 * 1024
-M = TypeVar("M", bound=BaseModel)
-
-
-@dataclass
-class MemoryService:
-    """What the memory API works with: the store, recall's settings, the chat path's
-    caches and worker, and (in the CLI's direct mode) a fixed caller."""
-
-    store: Store
-    weights: Weights
-    candidates: int
-    embedder: CachedEmbedder | None = None
-    forget: Callable[[str | None, int | None], None] = lambda owner, scope_id: None
-    wake: Callable[[], None] = lambda: None
-    identity: Identity | None = None  # None: ask the proxy's Auth
-    max_body_bytes: int = 32 * 1024 * 1024
-
-    @classmethod
-    def of(cls, remember: Remember, max_body_bytes: int) -> MemoryService:
-        """The service over a running proxy's memory layer."""
-        return cls(
-            store=remember.store,
-            weights=remember.weights,
-            candidates=remember.settings.recall.candidates,
-            embedder=remember.embedder,
-            forget=remember.forget_scope,
-            wake=remember.worker.wake,
-            max_body_bytes=max_body_bytes,
-        )
-
-
-@dataclass
-class Call:
-    """One API call, parsed: who calls, on what, with which parameters."""
-
-    service: MemoryService
-    identity: Identity
-    owner: str | None  # whose scopes names refer to; None: nobody's (a non-admin's ?owner=)
-    params: dict[str, Any]
-    query: Any
-    body: Any
-    now: float
-
-    async def scope(self, *, create: bool = False) -> ScopeRow:
-        """The scope named in the path, of the caller's owner (404 if none; with
-        `create`, made when missing)."""
-        name = self.params["scope"]
-        try:
-            validate_scope_name(name)
-        except InvalidScope as exc:
-            raise InvalidScopeName(str(exc), param="scope") from exc
-        store = self.service.store
-        row = None if self.owner is None else await store.read(records.get_scope, self.owner, name)
-        if row is None and create and self.owner is not None:
-            row = await store.write(records.get_or_create_scope, self.owner, name, None, self.now)
-        if row is None:
-            raise NotFound(f"no scope named {name!r}", param="scope")
-        return row
-
-    async def read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run `fn(conn, ...)` on a reader thread."""
-        return await self.service.store.read(fn, *args, **kwargs)
-
-    async def write(self, scope: ScopeRow, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """Run `fn(conn, ...)` on the writer, then drop the chat path's caches of `scope`
-        (even when it failed: part of it may have been written)."""
-        try:
-            return await self.service.store.write(fn, *args, **kw)
-        finally:
-            self.service.forget(None, scope.id)
 
 
 # -- scopes ------------------------------------------------------------------------------
@@ -150,7 +66,7 @@ async def list_scopes(call: Call) -> Any:
 
 
 async def create_scope(call: Call) -> Any:
-    name = _scope_name(call.body.name, "name")
+    name = scope_name(call.body.name, "name")
     if call.owner is None:
         raise NotFound("no such owner", param="owner")
     return await call.service.store.write(
@@ -165,7 +81,7 @@ async def show_scope(call: Call) -> Any:
 
 async def patch_scope(call: Call) -> Any:
     scope = await call.scope()
-    name = _scope_name(call.body.name, "name") if call.body.name is not None else None
+    name = scope_name(call.body.name, "name") if call.body.name is not None else None
     row = await call.write(scope, manage.rename_scope, scope.id, name, call.body.label)
     return await call.read(manage.scope_view, row)
 
@@ -214,7 +130,7 @@ async def delete_scene(call: Call) -> Any:
 async def get_transcript(call: Call) -> Any:
     scope = await call.scope()
     q = call.query
-    states = _choices(q.state, ("active", "partial", "undone"), "state") or (
+    states = choices(q.state, ("active", "partial", "undone"), "state") or (
         "active",
         "partial",
         "undone",
@@ -255,18 +171,18 @@ async def append_transcript(call: Call) -> Any:
 async def list_memories(call: Call) -> Any:
     scope = await call.scope()
     q = call.query
-    kinds = _choices(q.kind, records.MEMORY_KINDS, "kind")
+    kinds = choices(q.kind, records.MEMORY_KINDS, "kind")
     states = (
         manage.MEMORY_STATES
         if q.state.strip() == "all"
-        else _choices(q.state, manage.MEMORY_STATES, "state") or ("active",)
+        else choices(q.state, manage.MEMORY_STATES, "state") or ("active",)
     )
     return await call.read(
         manage.list_memories,
         scope.id,
         kinds=kinds,
         states=states,
-        since=_date(q.since, "since") if q.since else None,
+        since=parse_date(q.since, "since") if q.since else None,
         pinned=q.pinned,
         before_id=q.before,
         limit=q.limit,
@@ -778,7 +694,7 @@ def routes() -> list[BaseRoute]:
     out: list[BaseRoute] = [Route("/openapi.json", openapi_json, methods=["GET"])]
     for op in OPERATIONS:
         path = op.path.replace("{memory_id}", "{memory_id:int}")
-        out.append(Route(path, _endpoint(op), methods=[op.method], name=op.handler.__name__))
+        out.append(Route(path, endpoint(op), methods=[op.method], name=op.handler.__name__))
     return out
 
 
@@ -790,167 +706,6 @@ async def openapi_json(request: Request) -> JSONResponse:
     if not _DOCUMENT:
         _DOCUMENT.update(api.openapi_document(OPERATIONS, version=API_VERSION))
     return JSONResponse(_DOCUMENT)
-
-
-def _endpoint(op: Operation) -> Callable[[Request], Awaitable[Response]]:
-    async def endpoint(request: Request) -> Response:
-        try:
-            result = await _run(op, request)
-        except ProxyError as exc:
-            return JSONResponse(exc.envelope(), status_code=exc.status)
-        if op.response is None:
-            return Response(status_code=op.status)
-        if op.heavy:
-            content = await asyncio.to_thread(_render, result)
-            return Response(content, op.status, media_type="application/json")
-        return JSONResponse(result, status_code=op.status)
-
-    endpoint.__name__ = op.handler.__name__
-    return endpoint
-
-
-async def _run(op: Operation, request: Request) -> Any:
-    service = _service(request)
-    identity = service.identity or request.app.state.proxy.auth.identify(request.headers)
-    query = _model(op.query, dict(request.query_params), "query") if op.query else None
-    params = dict(request.path_params)
-    if "memory_id" in params and not 0 < params["memory_id"] <= api.MAX_ID:
-        raise NotFound(f"no memory {params['memory_id']} in this scope")
-    body: Any = None
-    if op.body is not None or op.raw_body:
-        limit = max(service.max_body_bytes, IMPORT_BODY_BYTES if op.heavy else 0)
-        raw = await _read_body(request, limit)
-        if op.raw_body:
-            body = raw
-        elif op.heavy:
-            body = await asyncio.to_thread(_parse, op.body, raw)
-        else:
-            body = _parse(op.body, raw)
-    requested = getattr(query, "owner", None)
-    call = Call(
-        service=service,
-        identity=identity,
-        owner=_owner(identity, requested),
-        params=params,
-        query=query,
-        body=body,
-        now=time.time(),
-    )
-    try:
-        return await op.handler(call)
-    except manage.Missing as exc:
-        raise NotFound(str(exc)) from exc
-    except manage.Refused as exc:
-        raise Conflict(str(exc)) from exc
-    except LookupError as exc:
-        raise NotFound(str(exc).strip("'\"")) from exc
-    except ValueError as exc:  # bad content found deep down (a document's references)
-        raise BadRequest(str(exc)) from exc
-
-
-def _service(request: Request) -> MemoryService:
-    service = getattr(request.app.state, "memory_service", None)
-    if service is not None:
-        return service
-    state = request.app.state.proxy
-    if not isinstance(state.memory, Remember):
-        raise ServiceUnavailable(
-            "memory is switched off in this proxy ([memory] enabled = false); "
-            "the memory API needs it on"
-        )
-    return MemoryService.of(state.memory, state.max_body_bytes)
-
-
-def _owner(identity: Identity, requested: str | None) -> str | None:
-    """Whose scopes names refer to: the caller's, or (admins only) the one asked for."""
-    if requested is None or requested == identity.owner:
-        return identity.owner
-    return requested if identity.admin else None
-
-
-def _parse(model: type[M], raw: bytes) -> M:
-    return _model(model, _json(raw), "body")
-
-
-def _render(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
-
-
-def _model(model: type[M], data: Any, where: str) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        param = field or None
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        name = f"{where} field {field!r}" if field else f"the {where}"
-        raise BadRequest(f"{name}: {first['msg']}{more}", param=param) from exc
-
-
-def _json(raw: bytes) -> Any:
-    if not raw.strip():
-        raise BadRequest("the request body is empty; expected a JSON object")
-
-    def reject(constant: str) -> None:
-        raise ValueError(f"{constant} is not JSON")
-
-    try:
-        data = json.loads(raw, parse_constant=reject)
-        # Lone surrogates ("\ud800") decode fine but cannot be stored as UTF-8.
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except (ValueError, UnicodeError, RecursionError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
-    return data
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _scope_name(name: str, param: str) -> str:
-    try:
-        return validate_scope_name(name)
-    except InvalidScope as exc:
-        raise InvalidScopeName(str(exc), param=param) from exc
-
-
-def _choices(value: str | None, allowed: tuple[str, ...], param: str) -> tuple[str, ...] | None:
-    """A comma-separated list of `allowed` words (None when not given)."""
-    if value is None or not value.strip():
-        return None
-    chosen = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    unknown = [v for v in chosen if v not in allowed]
-    if unknown or not chosen:
-        raise BadRequest(f"{param} must be among {', '.join(allowed)}; got {value!r}", param=param)
-    return chosen
-
-
-def _date(value: str, param: str) -> float:
-    """Unix seconds or an ISO 8601 date (a naive one in the machine's local time)."""
-    with contextlib.suppress(ValueError):
-        number = float(value)
-        if 0 <= number <= api.MAX_DATE:
-            return number
-    try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        if parsed.tzinfo is None:
-            parsed = parsed.astimezone()
-        return parsed.timestamp()
-    except (ValueError, OverflowError, OSError) as exc:
-        raise BadRequest(
-            f"{param} must be unix seconds or an ISO 8601 date, not {value!r}", param=param
-        ) from exc
 
 
 # -- direct mode and wiring ------------------------------------------------------------------
