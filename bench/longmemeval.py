@@ -60,20 +60,24 @@ def load(path: str | Path) -> list[dict[str, Any]]:
 
 
 def stratify(
-    questions: Sequence[dict[str, Any]], size: int, *, seed: int = 0, minimum: int = 10
+    questions: Sequence[dict[str, Any]], size: int, *, seed: int = 0, minimum: int | None = None
 ) -> list[str]:
     """A fixed, seeded subset of ``size`` question ids across the question types.
 
     Each type gets a share proportional to its count in ``questions`` but at least
-    ``minimum`` (or all it has); the rest goes by largest remainder. Within a type the
-    questions are a seeded sample (abstention questions included, as they come).
-    Returned in the order of ``questions``.
+    ``minimum`` (default: a tenth of ``size``, 10 of 100), or all it has; the rest goes
+    by largest remainder. Within a type the questions are taken in a seeded shuffled
+    order (abstention questions included, as they come), so that for one seed a
+    smaller subset takes a prefix of each type's order: subsets nest as long as each
+    type's share does not shrink. Returned in the order of ``questions``.
     """
     by_type: dict[str, list[str]] = defaultdict(list)
     for q in questions:
         by_type[q["question_type"]].append(q["question_id"])
     if size >= len(questions):
         return [q["question_id"] for q in questions]
+    if minimum is None:
+        minimum = size // 10
     counts = {t: len(ids) for t, ids in by_type.items()}
     alloc = {t: min(minimum, n) for t, n in counts.items()}
     left = size - sum(alloc.values())
@@ -87,11 +91,11 @@ def stratify(
     remaining = size - sum(alloc.values())
     for t in sorted(shares, key=lambda t: (-(shares[t] - int(shares[t])), t))[:remaining]:
         alloc[t] += 1
-    rng = random.Random(seed)
     chosen: set[str] = set()
-    for t in sorted(by_type):
-        ids = sorted(by_type[t])
-        chosen.update(rng.sample(ids, min(alloc[t], len(ids))))
+    for t, ids in by_type.items():
+        order = sorted(ids)
+        random.Random(f"{seed}:{t}").shuffle(order)
+        chosen.update(order[: alloc[t]])
     return [q["question_id"] for q in questions if q["question_id"] in chosen]
 
 
