@@ -30,7 +30,7 @@ from typing import Any
 from proxy.memory import jobs, records, scope_state
 from proxy.memory.db import Connection
 from proxy.memory.importers import Card, ParsedChat, card_placeholders
-from proxy.memory.manage import Refused, has_messages, scene_view, set_style
+from proxy.memory.manage import Missing, Refused, has_messages, scene_view, set_style
 from proxy.memory.record import EMBED_JOB, new_message, store_messages
 from proxy.memory.store import Store
 from proxy.memory.transcript import message_fingerprint
@@ -49,7 +49,7 @@ def export_scope(conn: Connection, scope_id: int) -> dict[str, Any]:
     """The whole scope as one JSON-ready document (see the module docstring)."""
     scope = records.get_scope_by_id(conn, None, scope_id)
     if scope is None:
-        raise LookupError("the scope no longer exists")
+        raise Missing("the scope no longer exists")
     messages = []
     seq_of: dict[int, int] = {}
     for row in conn.execute(
@@ -466,7 +466,7 @@ def append_chat(
     elif not conn.execute(
         "SELECT 1 FROM messages WHERE scope_id = ? AND thread = ? LIMIT 1", (scope_id, thread)
     ).fetchone():
-        raise LookupError(f"no chat (thread) {thread} in this scope")
+        raise Missing(f"no chat (thread) {thread} in this scope")
     rows = []
     date = None
     for message in messages:

@@ -617,8 +617,13 @@ class Housekeeping:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> Callable[[], Awaitable[None]]:
-        """Count the jobs once, start the loop; returns `stop`."""
-        await self.refresh()
+        """Prune the request log and count the jobs once, then start the loop; returns
+        `stop`."""
+        try:
+            await self.prune()
+            await self.refresh()
+        except Exception:  # upkeep must never keep the proxy from starting
+            log.exception("housekeeping failed at start; trying again later")
         self._task = asyncio.create_task(self._run(), name="mnemoproxy-housekeeping")
         return self.stop
 
@@ -644,8 +649,9 @@ class Housekeeping:
         return deleted
 
     async def _run(self) -> None:
-        next_prune = 0.0
+        next_prune = self.clock() + self.prune_every
         while True:
+            await asyncio.sleep(self.every)
             try:
                 if self.clock() >= next_prune:
                     next_prune = self.clock() + self.prune_every
@@ -655,4 +661,3 @@ class Housekeeping:
                 raise
             except Exception:  # upkeep must never take the proxy down
                 log.exception("housekeeping failed; trying again later")
-            await asyncio.sleep(self.every)

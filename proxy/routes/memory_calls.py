@@ -168,8 +168,6 @@ async def _run(op: Operation, request: Request) -> Any:
         raise NotFound(str(exc)) from exc
     except manage.Refused as exc:
         raise Conflict(str(exc)) from exc
-    except LookupError as exc:
-        raise NotFound(str(exc).strip("'\"")) from exc
     except ValueError as exc:  # bad content found deep down (a document's references)
         raise BadRequest(str(exc)) from exc
 
