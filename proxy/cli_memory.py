@@ -101,6 +101,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     scopes.add_argument("--label", help="create/rename: a label shown to people")
     scopes.add_argument("--memory", choices=["on", "off"], help="set: memory on or off")
     scopes.add_argument("--style", choices=["on", "off"], help="set: style sample on or off")
+    scopes.add_argument(
+        "--llm", choices=["on", "off"], help="set: background summaries and facts on or off"
+    )
     scopes.add_argument("--yes", action="store_true", help="rm: do not ask")
 
     memories = _command(sub, "memories", "list, search, add, edit, delete, pin", cmd_memories)
@@ -309,10 +312,10 @@ async def cmd_scopes(api: Api, args: argparse.Namespace) -> int:
         body = {"name": args.new_name, "label": args.label}
         data = await api.call("PATCH", path, body={k: v for k, v in body.items() if v})
     elif args.action == "set":
-        changes = {"enabled": args.memory, "style": args.style}
+        changes = {"enabled": args.memory, "style": args.style, "llm": args.llm}
         body = {k: v == "on" for k, v in changes.items() if v is not None}
         if not body:
-            raise CliError("scopes set NAME --memory on|off --style on|off")
+            raise CliError("scopes set NAME --memory on|off --style on|off --llm on|off")
         await api.call("PATCH", f"{path}/settings", body=body)
         data = await api.call("GET", path)
     else:  # rm
@@ -602,7 +605,10 @@ def _show_scope(s: dict[str, Any]) -> None:
     j = s["jobs"]
     print(f"jobs      {j['pending']} pending, {j['running']} running, {j['failed']} failed")
     st = s["settings"]
-    print(f"settings  memory {_on(st['enabled'])}, style sample {_on(st['style'])}")
+    print(
+        f"settings  memory {_on(st['enabled'])}, style sample {_on(st['style'])}, "
+        f"background LLM work {_on(st['llm'])}"
+    )
     if s["scene"]:
         _show_scene(s["scene"])
 

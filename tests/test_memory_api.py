@@ -117,19 +117,24 @@ def test_scopes_list_show_rename_settings_and_delete(
     assert scope["messages"] == {"active": 5, "partial": 0, "undone": 0}  # greeting + 2 turns
     assert scope["memories"]["active"] == 5 and scope["threads"] == 1
     assert set(scope["jobs"]) == {"pending", "running", "failed"}
-    assert scope["settings"] == {"enabled": True, "style": True}
+    assert scope["settings"] == {"enabled": True, "style": True, "llm": True}
     assert scope["last_seen"] >= scope["created_at"] > time.time() - 60
 
     # Memory off for the scope: the next turn is neither helped nor stored.
     assert ok(api(proxy, "PATCH", "/scopes/campaign/settings", json={"enabled": False})) == {
         "enabled": False,
         "style": True,
+        "llm": True,
     }
     history.append(("user", "Nothing to remember here."))
     response = chat(proxy, up, "campaign", history)
     assert "x-memory-injected" not in response.headers
     assert ok(api(proxy, "GET", "/scopes/campaign"))["messages"]["active"] == 5
-    ok(api(proxy, "PATCH", "/scopes/campaign/settings", json={"enabled": True}))
+    both = ok(
+        api(proxy, "PATCH", "/scopes/campaign/settings", json={"enabled": True, "llm": False})
+    )
+    assert both == {"enabled": True, "style": True, "llm": False}
+    assert ok(api(proxy, "GET", "/scopes/campaign/settings")) == both
     chat(proxy, up, "campaign", history)
     assert ok(api(proxy, "GET", "/scopes/campaign"))["messages"]["active"] == 7
 

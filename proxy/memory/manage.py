@@ -11,7 +11,8 @@ not there: 404 over HTTP) and ``Refused`` (it is there, but its state forbids th
 change: 409).
 
 Per-scope settings live in ``scopes.settings`` (JSON): ``enabled`` (memory on/off),
-``style`` (style sample on/off), ``scene`` (see ``SCENE_KEYS``) and
+``style`` (style sample on/off), ``llm`` (background summaries, facts and insights
+on/off), ``scene`` (see ``SCENE_KEYS``) and
 ``style_history`` (earlier style samples, newest first; the style table keeps one).
 """
 
@@ -37,7 +38,7 @@ from proxy.memory.store import Store
 
 log = logging.getLogger("mnemoproxy.manage")
 
-SETTING_KEYS = ("enabled", "style")
+SETTING_KEYS = ("enabled", "style", "llm")
 SCENE_KEYS = ("character", "location", "user", "char_name", "user_name")
 MEMORY_STATES = ("active", "retracted", "superseded")
 STYLE_HISTORY_KEEP = 20
@@ -144,12 +145,12 @@ def has_messages(conn: Connection, scope_id: int) -> bool:
 
 
 def settings_view(settings: dict[str, Any]) -> dict[str, bool]:
-    """The switches of a scope, with their defaults (both on)."""
+    """The switches of a scope, with their defaults (all on)."""
     return {key: settings.get(key) is not False for key in SETTING_KEYS}
 
 
 def update_settings(conn: Connection, scope_id: int, changes: dict[str, bool]) -> dict[str, bool]:
-    """Set some of the switches (``enabled``, ``style``); return them all."""
+    """Set some of the switches (``enabled``, ``style``, ``llm``); return them all."""
     unknown = set(changes) - set(SETTING_KEYS)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; known: {list(SETTING_KEYS)}")

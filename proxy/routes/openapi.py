@@ -107,6 +107,9 @@ class ScopePatch(_In):
 class SettingsPatch(_In):
     enabled: bool | None = Field(None, description="Memory on or off for this scope.")
     style: bool | None = Field(None, description="Style sample on or off.")
+    llm: bool | None = Field(
+        None, description="Background summaries, facts and insights on or off."
+    )
 
 
 class SceneIn(_In):
@@ -230,6 +233,7 @@ class ScopeDocument(_In):
 class Switches(_Out):
     enabled: bool
     style: bool
+    llm: bool
 
 
 class Scene(_Out):
