@@ -29,6 +29,7 @@ from proxy.memory.prompts import DEFAULT_PROMPTS, DESCRIPTIONS, Prompts
 
 ENV_PREFIX = "MNEMOPROXY_"
 CONFIG_ENV = "MNEMOPROXY_CONFIG"
+CLIENT_ENV = ("MNEMOPROXY_KEY", "MNEMOPROXY_URL")  # read by the CLI as a client, not settings
 
 
 class SettingsError(Exception):
@@ -528,7 +529,8 @@ def _check_environment_names() -> None:
     """A misspelt MNEMOPROXY_ variable would be ignored silently: refuse it instead."""
     sections = set(Settings.model_fields)
     for name in os.environ:
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        # MNEMOPROXY_KEY / _URL belong to the memory commands (proxy/cli_memory.py).
+        if not name.startswith(ENV_PREFIX) or name in (CONFIG_ENV, *CLIENT_ENV):
             continue
         section = name[len(ENV_PREFIX) :].split("__", 1)[0].lower()
         if section not in sections:
