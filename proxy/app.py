@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.background import background_config, memory_model
 from proxy.errors import ProxyError, error_envelope
 from proxy.inject.tokens import prepare_tiktoken_cache
 from proxy.memory.embed import (
@@ -96,7 +97,7 @@ def build_app(settings: Settings) -> Starlette:
             gate = UpstreamGate({u.name: u.slots for u in router.upstreams.values()})
             memory: Memory = NoMemory()
             if settings.memory.enabled:
-                memory = await open_memory(settings, router, pool, metrics, stack)
+                memory = await open_memory(settings, router, pool, metrics, stack, gate)
             app.state.proxy = AppState(
                 router=router,
                 pool=pool,
@@ -169,6 +170,7 @@ async def open_memory(
     pool: UpstreamPool,
     metrics: Metrics,
     stack: contextlib.AsyncExitStack,
+    gate: UpstreamGate | None = None,
 ) -> Remember:
     """Open the store, start loading the embedding model and start the worker.
 
@@ -185,7 +187,15 @@ async def open_memory(
         build_embedder(settings, router, stack), settings.embeddings.cache_size
     )
     activity = Activity()
-    worker = Worker(store, embedder, activity)
+    background = background_config(settings)
+    worker = Worker(
+        store,
+        embedder,
+        activity,
+        model=memory_model(settings, router, pool, gate or UpstreamGate(), metrics),
+        config=background,
+        prompts=settings.prompt_texts(),
+    )
     await worker.start()
     stack.push_async_callback(worker.stop)
     stack.push_async_callback(await memory_api.start_upkeep(settings, store, worker, metrics))
@@ -198,6 +208,7 @@ async def open_memory(
         worker=worker,
         activity=activity,
         metrics=metrics,
+        background=background if background.enabled else None,
     )
 
     async def load_model() -> None:

@@ -40,8 +40,8 @@ def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
     """Start the proxy under a real uvicorn server: `make_proxy(upstreams, **sections)`.
 
     `upstreams` maps names to a FakeUpstream, a base URL or an upstream settings dict;
-    keyword arguments are settings sections (`server={...}`, `memory={...}`). Memory is
-    off unless a test turns it on.
+    keyword arguments are settings sections (`server={...}`, `memory={...}`). Memory and
+    background LLM work are off unless a test turns them on.
     """
     with contextlib.ExitStack() as stack:
 
@@ -49,6 +49,9 @@ def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
             overrides: dict[str, Any] = {
                 "upstreams": {name: _upstream_cfg(u) for name, u in upstreams.items()},
                 "memory": {"enabled": False, "database": str(tmp_path / "memory.db")},
+                # Background LLM jobs would send their own chat requests to the fake
+                # upstream; tests that are about them turn them on.
+                "background": {"llm": False},
             }
             for section, values in sections.items():
                 if isinstance(values, dict) and isinstance(overrides.get(section), dict):

@@ -123,6 +123,19 @@ def fail(
     )
 
 
+def requeue(conn: Connection, job_id: int, now: float) -> bool:
+    """Give a running job back to the queue without counting the attempt: it gave way
+    to a user's request (preempted), it did not fail."""
+    return (
+        conn.execute(
+            "UPDATE jobs SET state = 'pending', attempts = max(attempts - 1, 0),"
+            " run_after = ?, updated_at = ? WHERE id = ? AND state = 'running'",
+            (now, now, job_id),
+        ).rowcount
+        > 0
+    )
+
+
 def requeue_running(conn: Connection, now: float) -> int:
     """Put jobs left 'running' by a crash back to pending; return how many. Call at start,
     before the worker claims anything."""

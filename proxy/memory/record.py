@@ -13,12 +13,15 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.memory import jobs, records, scope_state
 from proxy.memory.db import Connection
 from proxy.memory.transcript import StoredMessage, align, message_fingerprint
 from proxy.messages import message_text
+
+if TYPE_CHECKING:
+    from proxy.memory.schedule import TurnJobs
 
 EMBED_JOB = "embed"
 CHUNK_CHARS = 800  # ~200 tokens: all-MiniLM-L6-v2 reads at most 256
@@ -40,6 +43,7 @@ class Turn:
     capture_style: bool = True
     log: dict[str, Any] | None = None  # request log entry; None: no log
     remember: bool = True  # False: log only (X-Memory-Write: off, utility calls)
+    background: TurnJobs | None = None  # background LLM jobs to queue (facts, summary)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Recorded:
     undone: tuple[int, ...] = ()
     retracted: tuple[int, ...] = ()
     memories: tuple[int, ...] = ()
+    jobs: tuple[int, ...] = ()  # background LLM jobs queued
     transcript: tuple[StoredMessage, ...] | None = field(default=None, repr=False)
 
 
@@ -91,6 +96,9 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
 
     if turn.capture_style:
         _capture_style(conn, turn.scope_id, turn.now)
+    queued: list[int] = []
+    if turn.background is not None:
+        queued = turn.background.queue(conn, turn.scope_id, alignment, ids, retracted)
 
     undone = set(alignment.undone)
     transcript = tuple(m for m in stored if m.id not in undone) + tuple(
@@ -103,6 +111,7 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         undone=alignment.undone,
         retracted=tuple(retracted),
         memories=tuple(memory_ids),
+        jobs=tuple(queued),
         transcript=transcript,
     )
 

@@ -1,10 +1,21 @@
-"""The background worker: one task, owned by the app's lifespan, fed by the jobs table.
+"""The background worker: one object, owned by the app's lifespan, fed by the jobs table.
 
-It embeds new memories in batches. Work is durable: jobs are rows, so a crash leaves
-them queued and they resume at the next start (`requeue_running`); memories still
-without a vector (after a change of embedding model, say) are swept up as well.
-A user's request always goes first: the worker waits while requests are being
-prepared, so a query embedding never queues behind a background batch.
+It works two lanes, each one task, so that a slow model never holds up embedding:
+
+- embed: new memories are embedded in batches (`embed` jobs); memories still without
+  a vector (after a change of embedding model, say) are swept up as well;
+- llm: jobs that ask the memory model, one at a time, dispatched by kind to their
+  handlers: `extract` (facts, `proxy.memory.facts`), `summarize` (the rolling summary,
+  `proxy.memory.summary`) and `reflect` (insights, `proxy.memory.reflect`). Their
+  requests go through the upstream gate, so a user's request always goes first: a job
+  that a user's request preempts is requeued without counting an attempt; an upstream
+  that fails is retried with backoff, then given up with the error kept on the job;
+  a model whose answers stay unusable fails the job at once (the raw turns are
+  remembered all the same). A failing job never blocks the queue.
+
+Work is durable: jobs are rows, so a crash leaves them queued and they resume at the
+next start (`requeue_running`). Both lanes wait while requests are being prepared, so
+a query embedding never queues behind background work.
 """
 
 from __future__ import annotations
@@ -13,20 +24,34 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.memory import jobs, vectors
 from proxy.memory.db import Connection
 from proxy.memory.embed import Embedder
+from proxy.memory.facts import EXTRACT_JOB, handle_extract
+from proxy.memory.llm import BadOutput, MemoryModel
+from proxy.memory.prompts import DEFAULT_PROMPTS, Prompts
 from proxy.memory.record import EMBED_JOB
 from proxy.memory.records import chunked, placeholders
+from proxy.memory.reflect import REFLECT_JOB, handle_reflect
+from proxy.memory.schedule import BackgroundConfig, JobContext
 from proxy.memory.store import Store
+from proxy.memory.summary import SUMMARIZE_JOB, handle_summarize
+from proxy.upstreams.gate import Preempted
 
 log = logging.getLogger("mnemoproxy.worker")
 
 MAX_ATTEMPTS = 5
+
+Handler = Callable[[jobs.Job, JobContext], Awaitable[None]]
+HANDLERS: dict[str, Handler] = {
+    EXTRACT_JOB: handle_extract,
+    SUMMARIZE_JOB: handle_summarize,
+    REFLECT_JOB: handle_reflect,
+}
 
 
 class Activity:
@@ -66,7 +91,7 @@ def embedding_key(text: str, speaker: str | None) -> str:
 
 
 class Worker:
-    """Embeds queued memories, one batch at a time, until stopped."""
+    """Embeds queued memories and runs the memory model's jobs, until stopped."""
 
     def __init__(
         self,
@@ -74,6 +99,9 @@ class Worker:
         embedder: Embedder,
         activity: Activity,
         *,
+        model: MemoryModel | None = None,
+        config: BackgroundConfig | None = None,
+        prompts: Prompts = DEFAULT_PROMPTS,
         batch_size: int = 64,
         idle_wait: float = 5.0,
         clock: Callable[[], float] = time.time,
@@ -86,33 +114,54 @@ class Worker:
         self.clock = clock
         self.failures = 0
         self.last_error: str | None = None
+        self.preempted = 0  # jobs that gave way to a user's request
+        self.config = config or BackgroundConfig()
+        self.context: JobContext | None = None
+        if model is not None:
+            self.context = JobContext(
+                store=store,
+                model=model,
+                config=self.config,
+                prompts=prompts,
+                clock=clock,
+                wake=self.wake,
+            )
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._wake_llm = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
         self._embedder_ready = asyncio.Event()
 
     def wake(self) -> None:
         """New work was queued: look now instead of at the next poll."""
         self._wake.set()
+        self._wake_llm.set()
 
     def embedder_ready(self) -> None:
         """The embedding model is loaded; start embedding."""
         self._embedder_ready.set()
+        if self.context is not None:
+            self.context.embedder = self.embedder
         self._wake.set()
 
     async def start(self) -> None:
-        """Put jobs a crash left running back in the queue and start the loop."""
+        """Put jobs a crash left running back in the queue and start the lanes."""
         await self.store.write(jobs.requeue_running, self.clock())
-        self._task = asyncio.create_task(self._run(), name="mnemoproxy-worker")
+        self._tasks = [asyncio.create_task(self._run_embed(), name="mnemoproxy-embed")]
+        if self.context is not None and self.config.enabled:
+            self._tasks.append(asyncio.create_task(self._run_llm(), name="mnemoproxy-llm"))
 
     async def stop(self) -> None:
-        """Stop after the batch in progress."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop both lanes; a job in progress is picked up again at the next start."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
 
-    async def _run(self) -> None:
+    # -- the embed lane ------------------------------------------------------------
+
+    async def _run_embed(self) -> None:
         await self._embedder_ready.wait()
         reset = await self.store.write(
             vectors.ensure_embedding_model, self.embedder.model_id, self.embedder.dim
@@ -121,9 +170,13 @@ class Worker:
             log.warning(
                 "embedding model changed to %s: re-embedding every memory", self.embedder.model_id
             )
+        await self._loop(self.run_once, self._wake)
+
+    async def _loop(self, step: Callable[[], Awaitable[int]], wake: asyncio.Event) -> None:
+        """Run `step` while it finds work; then wait to be woken (or poll)."""
         while True:
             try:
-                done = await self.run_once()
+                done = await step()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let the worker die; say why and back off
@@ -133,9 +186,9 @@ class Worker:
                 done = 0
                 await asyncio.sleep(min(60.0, 2.0 ** min(self.failures, 6)))
             if not done:
-                self._wake.clear()
+                wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.idle_wait)
+                    await asyncio.wait_for(wake.wait(), self.idle_wait)
 
     async def run_once(self) -> int:
         """Embed one batch of queued memories; return how many were embedded."""
@@ -158,6 +211,50 @@ class Worker:
             _store_and_finish, self.embedder.model_id, pairs, [job.id for job in claimed], now
         )
         return len(batch)
+
+    # -- the llm lane --------------------------------------------------------------
+
+    async def _run_llm(self) -> None:
+        await self._loop(self.run_llm_once, self._wake_llm)
+
+    async def run_llm_once(self) -> int:
+        """Run one job of the memory model; return 1 if there was one, else 0."""
+        context = self.context
+        assert context is not None, "no memory model: the llm lane is off"
+        await self.activity.wait_idle()
+        claimed = await self.store.write(jobs.claim, list(HANDLERS), self.clock(), 1)
+        if not claimed:
+            return 0
+        job = claimed[0]
+        try:
+            await HANDLERS[job.kind](job, context)
+        except Preempted:
+            # A user's request took the slot: not a failure, run it again when free.
+            self.preempted += 1
+            await self.store.write(jobs.requeue, job.id, self.clock())
+            return 1
+        except BadOutput as exc:
+            log.warning("job %s (%s) gave up: %s", job.id, job.kind, exc)
+            await self.store.write(jobs.fail, job.id, str(exc)[:2000], self.clock(), None)
+            return 1
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            retry = None
+            if job.attempts < self.config.max_attempts:
+                delay = min(3600.0, self.config.backoff_seconds * 2.0 ** (job.attempts - 1))
+                retry = self.clock() + delay
+            log.warning(
+                "job %s (%s) failed (attempt %s): %s%s",
+                job.id,
+                job.kind,
+                job.attempts,
+                error,
+                "" if retry is None else f"; retrying in {retry - self.clock():.0f} s",
+            )
+            await self.store.write(jobs.fail, job.id, error, self.clock(), retry)
+            return 1
+        await self.store.write(jobs.finish, job.id, self.clock())
+        return 1
 
 
 def _load_to_embed(conn: Connection, wanted: list[int], limit: int) -> list[ToEmbed]:

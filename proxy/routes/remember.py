@@ -32,6 +32,7 @@ from proxy.memory.embed import CachedEmbedder
 from proxy.memory.rank import Weights, rank
 from proxy.memory.recall import ScopeContext, find_candidates, query_text, scope_context
 from proxy.memory.record import Recorded, Turn, record_turn
+from proxy.memory.schedule import BackgroundConfig, TurnJobs, first_in_window
 from proxy.memory.scope import InvalidScope, ScopeRef, detect_names, resolve_scope
 from proxy.memory.store import Store
 from proxy.memory.transcript import Alignment, StoredMessage, align
@@ -63,8 +64,10 @@ class Remember:
         worker: Worker,
         activity: Activity,
         metrics: Metrics,
+        background: BackgroundConfig | None = None,
     ):
         self.settings = settings
+        self.background = background  # None: no background LLM jobs
         self.store = store
         self.embedder = embedder
         self.windows = windows
@@ -220,6 +223,14 @@ class Remember:
         self.metrics.add("tokens_in", original_tokens)
         self.metrics.add("tokens_saved", max(0, original_tokens - sent_tokens))
         self.metrics.add("memories_injected", len(block.included))
+        background = None
+        if self.background is not None:
+            background = TurnJobs(
+                self.background,
+                route.upstream.name,
+                route.model,
+                first_in_window(messages, trim.kept, trim.dropped),
+            )
         log_entry = self._log_entry(
             route,
             ref,
@@ -246,6 +257,7 @@ class Remember:
             char=char,
             user=user,
             log=log_entry,
+            background=background,
         )
 
     async def _recall(
@@ -442,6 +454,7 @@ class Remember:
             capture_style=self.settings.memory.style_sample,
             log=log_entry,
             remember=plan.remember,
+            background=plan.background,
         )
         lock = self._scope_locks.setdefault(plan.scope_id, asyncio.Lock())
         try:
@@ -454,7 +467,7 @@ class Remember:
             self.metrics.add("record_errors")
             self._transcripts.pop(plan.scope_id, None)
             return
-        if result.memories:
+        if result.memories or result.jobs:
             self.worker.wake()
 
 
@@ -474,6 +487,7 @@ class RememberPlan:
     user: str | None = None
     log: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    background: TurnJobs | None = None
 
     async def record(self, reply: ReplyAccumulator, *, partial: bool) -> None:
         """Store the turn once the reply is known. Never raises."""
