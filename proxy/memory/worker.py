@@ -130,6 +130,7 @@ class Worker:
         self._wake_llm = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._embedder_ready = asyncio.Event()
+        self._next_due: float | None = None  # when the next job waiting for a retry is due
 
     def wake(self) -> None:
         """New work was queued: look now instead of at the next poll."""
@@ -172,9 +173,16 @@ class Worker:
             )
         await self._loop(self.run_once, self._wake)
 
-    async def _loop(self, step: Callable[[], Awaitable[int]], wake: asyncio.Event) -> None:
-        """Run `step` while it finds work; then wait to be woken (or poll)."""
+    async def _loop(
+        self,
+        step: Callable[[], Awaitable[int]],
+        wake: asyncio.Event,
+        next_due: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        """Run `step` while it finds work; then wait to be woken, for the next retry
+        that falls due, or for the next poll."""
         while True:
+            wake.clear()  # before looking, so that work queued meanwhile is not missed
             try:
                 done = await step()
             except asyncio.CancelledError:
@@ -186,9 +194,10 @@ class Worker:
                 done = 0
                 await asyncio.sleep(min(60.0, 2.0 ** min(self.failures, 6)))
             if not done:
-                wake.clear()
+                due = next_due()
+                wait = self.idle_wait if due is None else min(self.idle_wait, due - self.clock())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.idle_wait)
+                    await asyncio.wait_for(wake.wait(), max(0.0, wait))
 
     async def run_once(self) -> int:
         """Embed one batch of queued memories; return how many were embedded."""
@@ -215,7 +224,7 @@ class Worker:
     # -- the llm lane --------------------------------------------------------------
 
     async def _run_llm(self) -> None:
-        await self._loop(self.run_llm_once, self._wake_llm)
+        await self._loop(self.run_llm_once, self._wake_llm, lambda: self._next_due)
 
     async def run_llm_once(self) -> int:
         """Run one job of the memory model; return 1 if there was one, else 0."""
@@ -224,6 +233,7 @@ class Worker:
         await self.activity.wait_idle()
         claimed = await self.store.write(jobs.claim, list(HANDLERS), self.clock(), 1)
         if not claimed:
+            self._next_due = await self.store.read(_next_due, list(HANDLERS))
             return 0
         job = claimed[0]
         try:
@@ -278,6 +288,15 @@ def _load_to_embed(conn: Connection, wanted: list[int], limit: int) -> list[ToEm
             if r[0] not in seen
         ][: limit - len(rows)]
     return [ToEmbed(r[0], embedding_key(r[1], r[2])) for r in rows]
+
+
+def _next_due(conn: Connection, kinds: list[str]) -> float | None:
+    """When the earliest pending job of `kinds` is due (a retry after backoff)."""
+    return conn.execute(
+        f"SELECT min(run_after) FROM jobs WHERE state = 'pending'"
+        f" AND kind IN ({placeholders(kinds)})",
+        kinds,
+    ).fetchone()[0]
 
 
 def _store_and_finish(
