@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from proxy.memory import jobs, records, scope_state
+from proxy.memory import jobs, records
 from proxy.memory.db import Connection
 from proxy.memory.transcript import StoredMessage, align, message_fingerprint
 from proxy.messages import message_text
+from proxy.style.sample import capture_style, drop_undone_style
 
 if TYPE_CHECKING:
     from proxy.memory.schedule import TurnJobs
@@ -76,7 +77,7 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
     alignment = align(list(turn.messages), stored, max_blind_undo=turn.max_blind_undo)
     retracted = records.undo_messages(conn, turn.scope_id, alignment.undone, turn.now)
     if alignment.undone:
-        _drop_undone_style(conn, turn.scope_id, set(alignment.undone))
+        drop_undone_style(conn, turn.scope_id, set(alignment.undone))
 
     reused_at = _reused_dates(conn, turn.scope_id, alignment.reuses)
     rows: list[records.NewMessage] = []
@@ -95,7 +96,7 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
     )
 
     if turn.capture_style:
-        _capture_style(conn, turn.scope_id, turn.now)
+        capture_style(conn, turn.scope_id, turn.now)
     queued: list[int] = []
     if turn.background is not None:
         queued = turn.background.queue(conn, turn.scope_id, alignment, ids, retracted)
@@ -194,26 +195,6 @@ def _reused_dates(
     )
     seen = {row.id: row.seen_at for row in rows}
     return {index: seen[stored_id] for index, stored_id in reuses if stored_id in seen}
-
-
-def _capture_style(conn: Connection, scope_id: int, now: float) -> None:
-    """The first assistant message of the scope becomes its style sample (once)."""
-    if scope_state.get_style(conn, scope_id) is not None:
-        return
-    row = conn.execute(
-        "SELECT id, content FROM messages WHERE scope_id = ? AND role = 'assistant'"
-        " AND state = 'active' AND trim(content) != '' ORDER BY seq LIMIT 1",
-        (scope_id,),
-    ).fetchone()
-    if row:
-        scope_state.set_style(conn, scope_id, row[1], "auto", now, message_id=row[0])
-
-
-def _drop_undone_style(conn: Connection, scope_id: int, undone: set[int]) -> None:
-    """An automatic sample whose message was undone (a swiped first reply) goes too."""
-    style = scope_state.get_style(conn, scope_id)
-    if style is not None and style.source == "auto" and style.message_id in undone:
-        conn.execute("DELETE FROM style WHERE scope_id = ? AND source = 'auto'", (scope_id,))
 
 
 def _summary(result: Recorded) -> dict[str, Any]:
