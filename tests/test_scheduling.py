@@ -82,6 +82,8 @@ def test_a_users_request_is_served_first_while_a_job_runs_on_a_single_slot_upstr
     assert [j.state for j in extract] == ["done", "done"]
     assert extract[0].attempts == 1 and extract[0].last_error is None  # not a failure
     assert [m.text for m in memories(db, scope_id(db), "fact")] == ["Tom has a boat."]
+    metrics = httpx.get(f"{proxy.url}/metrics").text
+    assert "mnemoproxy_background_llm_preempted_total 1" in metrics
 
 
 def test_a_queued_job_waits_until_the_users_request_has_finished(

@@ -27,7 +27,7 @@ from proxy.errors import ProxyError
 from proxy.inject.templates import render
 from proxy.memory.llm_json import Parsed, parse_json
 from proxy.upstreams.client import UpstreamPool, upstream_headers
-from proxy.upstreams.gate import UpstreamGate
+from proxy.upstreams.gate import Preempted, UpstreamGate
 from proxy.upstreams.registry import Upstream
 
 log = logging.getLogger("mnemoproxy.llm")
@@ -177,22 +177,26 @@ class MemoryModel:
     async def _post(self, upstream: Upstream, body: dict[str, Any]) -> tuple[int, Any]:
         content = json.dumps(body, ensure_ascii=False).encode()
         headers = upstream_headers(upstream, {"content-type": "application/json"})
-        async with self.gate.background(upstream.name):
-            try:
-                async with asyncio.timeout(self.timeout):
-                    response = await self.pool.send(
-                        upstream, "POST", "chat/completions", headers=headers, content=content
-                    )
-                    try:
-                        raw = await response.aread()
-                    finally:
-                        await response.aclose()
-            except TimeoutError as exc:
-                raise LlmUnavailable(
-                    f"upstream {upstream.name!r} did not answer within {self.timeout:g} s"
-                ) from exc
-            except ProxyError as exc:
-                raise LlmUnavailable(str(exc)) from exc
+        try:
+            async with self.gate.background(upstream.name):
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        response = await self.pool.send(
+                            upstream, "POST", "chat/completions", headers=headers, content=content
+                        )
+                        try:
+                            raw = await response.aread()
+                        finally:
+                            await response.aclose()
+                except TimeoutError as exc:
+                    raise LlmUnavailable(
+                        f"upstream {upstream.name!r} did not answer within {self.timeout:g} s"
+                    ) from exc
+                except ProxyError as exc:
+                    raise LlmUnavailable(str(exc)) from exc
+        except Preempted:
+            self._count("background_llm_preempted", 1)
+            raise
         try:
             return response.status_code, json.loads(raw)
         except ValueError:
