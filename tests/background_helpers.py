@@ -39,6 +39,11 @@ def job_kind(body: dict[str, Any]) -> str | None:
     return None
 
 
+def last_user_request(up: FakeUpstream) -> dict[str, Any]:
+    """The body of the last chat request that was a user's, not a background job's."""
+    return next(r.json for r in reversed(up.chat_requests) if job_kind(r.json) is None)
+
+
 def prompt_of(body: dict[str, Any]) -> str:
     """Every message of a request, joined."""
     return "\n".join(str(m.get("content", "")) for m in body["messages"])

@@ -16,6 +16,7 @@ from tests.background_helpers import (
     MemoryModel,
     all_jobs,
     background_proxy,
+    last_user_request,
     memories,
     prompt_of,
     read,
@@ -126,7 +127,7 @@ def test_a_fact_that_left_the_window_is_recalled_with_its_importance(
             timeout=30,
         )
         assert int(response.headers["x-memory-trimmed"]) > 0
-        block = memory_block(up.chat_requests[-1].json["messages"])
+        block = memory_block(last_user_request(up)["messages"])
         assert block is not None and "] Tom's sister Ana keeps a lighthouse" in block
         # The request log says why it was chosen: its importance counted.
         entry = read(

@@ -16,6 +16,7 @@ from proxy.memory import records, scope_state
 from tests.background_helpers import (
     MemoryModel,
     background_proxy,
+    last_user_request,
     memories,
     prompt_of,
     read,
@@ -109,7 +110,7 @@ def test_summary_updates_at_the_threshold_with_history_and_fills_the_summary_slo
     # What the summary covers is out of the window the upstream was sent.
     active = versions[-1]
     covered = read(db, records.get_messages, scope, until_seq=active.covers_until_seq)
-    shown = conversation(up.chat_requests[-1].json)
+    shown = conversation(last_user_request(up))
     assert not any(m.content in shown for m in covered if m.role == "user")
 
     # Replaced versions are retrievable memories, linked to the messages they added.
@@ -120,7 +121,7 @@ def test_summary_updates_at_the_threshold_with_history_and_fills_the_summary_slo
 
     # The summary fills the summary slot of the memory block.
     say(proxy, history, "Where are we now?")
-    block = memory_block(up.chat_requests[-1].json["messages"])
+    block = memory_block(last_user_request(up)["messages"])
     assert block is not None and f"The story so far:\n{active.text}" in block
 
 
