@@ -489,6 +489,9 @@ def load_settings(
             "embeddings.backend = 'upstream' needs embeddings.upstream naming an upstream "
             f"({where.of(('embeddings', 'upstream'))})"
         )
+    memory_model = settings.background.upstream
+    if memory_model and memory_model not in settings.upstreams:
+        raise SettingsError(f"background.upstream {memory_model!r} is not a configured upstream")
     default = settings.server.default_upstream
     if default and default not in settings.upstreams:
         raise SettingsError(

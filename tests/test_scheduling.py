@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.settings import SettingsError, load_settings
 from tests.background_helpers import (
     MemoryModel,
     background_proxy,
@@ -233,3 +234,14 @@ def test_an_upstream_that_refuses_structured_output_is_asked_without_it(
     asked = model.calls["facts"]
     assert ["response_format" in body for body in asked] == [True, False, False]
     assert memories(db, scope_id(db), "fact")
+
+
+def test_a_memory_model_upstream_that_is_not_configured_is_refused_at_start() -> None:
+    with pytest.raises(SettingsError, match=r"background\.upstream 'brain'"):
+        load_settings(
+            None,
+            {
+                "upstreams": {"local": {"base_url": "http://127.0.0.1:9/v1"}},
+                "background": {"upstream": "brain"},
+            },
+        )
