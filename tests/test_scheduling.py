@@ -245,3 +245,23 @@ def test_a_memory_model_upstream_that_is_not_configured_is_refused_at_start() ->
                 "background": {"upstream": "brain"},
             },
         )
+
+
+def test_extractions_that_queued_up_behind_a_busy_model_go_in_one_request(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    # A slow model: every extraction is still running when the next turn arrives.
+    model = MemoryModel(facts=lambda body: Reply(json.dumps({"facts": []}), delay_first=0.6))
+    up.responder = model
+    proxy = background_proxy(make_proxy, up, tmp_path)
+    db = tmp_path / "memory.db"
+    history: list[tuple[str, str]] = []
+    for i in range(4):
+        history = say(proxy, history, f"Quick message number {i}.")
+    extract = [j for j in wait_for_jobs(db) if j.kind == "extract"]
+    assert [j.state for j in extract] == ["done"] * 4
+    facts = [r for r in up.chat_requests if job_kind(r.json) == "facts"]
+    answered = [r.json for r in facts if r.disconnected_at is None]
+    [last] = answered  # one request answered for all four turns
+    new = json.dumps(last["messages"]).split("New messages:")[-1]
+    assert all(f"Quick message number {i}." in new for i in range(4))

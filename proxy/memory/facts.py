@@ -45,6 +45,7 @@ _CONTEXT_CHARS = 600  # of each earlier message shown for context
 _MESSAGE_CHARS = 3000  # of each new message
 _QUERY_CHARS = 2000  # of the new messages, as the search for related facts
 _MIN_SIMILARITY = 0.3
+MAX_BATCH_MESSAGES = 12  # new messages in one extraction, when jobs are taken along
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -150,15 +151,35 @@ def restore_superseded(
 
 
 async def handle_extract(job: Job, ctx: JobContext) -> None:
-    """Extract facts from the job's messages and store them (see the module docstring)."""
-    from proxy.memory.schedule import job_target, llm_allowed  # circular at import time
+    """Extract facts from the job's messages and store them (see the module docstring).
+
+    Extract jobs of the same scope that queued up behind this one (the user chatted
+    on while the model was busy) are taken along: one request for all their messages.
+    If this job does not finish, they go back to the queue as they were.
+    """
+    from proxy.memory.schedule import llm_allowed  # circular at import time
 
     scope_id = job.scope_id
     if scope_id is None or not await ctx.store.read(llm_allowed, scope_id):
         return
     ids = [int(i) for i in job.payload.get("message_ids", ())]
+    more = await ctx.store.write(_claim_more, job, len(ids), ctx.clock())
+    try:
+        await _extract(job, [job.id, *more], ids + [i for m in more.values() for i in m], ctx)
+    except BaseException:
+        if more:
+            await ctx.store.write(_give_back, list(more), ctx.clock())
+        raise
+
+
+async def _extract(job: Job, job_ids: list[int], ids: list[int], ctx: JobContext) -> None:
+    from proxy.memory.schedule import job_target  # circular at import time
+
+    scope_id = job.scope_id
+    assert scope_id is not None
     found = await ctx.store.read(_load_input, scope_id, ids, ctx.config.context_messages)
     if not found.new:
+        await ctx.store.write(_finish_all, job_ids, ctx.clock())
         return  # undone before the job ran
     query = " ".join(m.content for m in found.new)[:_QUERY_CHARS]
     vector = None
@@ -189,10 +210,50 @@ async def handle_extract(job: Job, ctx: JobContext) -> None:
     reflect_target = {"upstream": job.payload.get("upstream"), "model": job.payload.get("model")}
     threshold = ctx.config.reflect_threshold if ctx.config.reflection else None
     added = await ctx.store.write(
-        store_facts, scope_id, job.id, new_facts, threshold, reflect_target, ctx.clock()
+        store_facts, scope_id, job_ids, new_facts, threshold, reflect_target, ctx.clock()
     )
     if added:
         ctx.wake()
+
+
+def _claim_more(conn: Connection, job: Job, have: int, now: float) -> dict[int, list[int]]:
+    """Take the scope's other due extract jobs for the same model along (marked running),
+    while the messages stay under MAX_BATCH_MESSAGES. Returns {job id: message ids}."""
+    taken: dict[int, list[int]] = {}
+    rows = conn.execute(
+        "SELECT id, payload FROM jobs WHERE scope_id = ? AND kind = ? AND state = 'pending'"
+        " AND run_after <= ? AND id != ? ORDER BY id LIMIT 50",
+        (job.scope_id, EXTRACT_JOB, now, job.id),
+    ).fetchall()
+    for job_id, raw in rows:
+        payload = json.loads(raw)
+        same = all(payload.get(k) == job.payload.get(k) for k in ("upstream", "model"))
+        ids = [int(i) for i in payload.get("message_ids", ())]
+        if not same or have + len(ids) > MAX_BATCH_MESSAGES:
+            break
+        taken[job_id] = ids
+        have += len(ids)
+    if taken:
+        conn.execute(
+            f"UPDATE jobs SET state = 'running', updated_at = ?"
+            f" WHERE id IN ({placeholders(list(taken))})",
+            (now, *taken),
+        )
+    return taken
+
+
+def _give_back(conn: Connection, job_ids: list[int], now: float) -> None:
+    """Jobs taken along by one that did not finish: pending again, no attempt counted."""
+    for job_id in job_ids:
+        conn.execute(
+            "UPDATE jobs SET state = 'pending', updated_at = ? WHERE id = ? AND state = 'running'",
+            (now, job_id),
+        )
+
+
+def _finish_all(conn: Connection, job_ids: list[int], now: float) -> None:
+    for job_id in job_ids:
+        jobs.finish(conn, job_id, now)
 
 
 def _load_input(conn: Connection, scope_id: int, ids: list[int], context: int) -> ExtractInput:
@@ -361,14 +422,14 @@ def _label(value: Any, known_ids: list[int]) -> int | None:
 def store_facts(
     conn: Connection,
     scope_id: int,
-    job_id: int,
+    job_ids: list[int],
     new_facts: list[NewFact],
     reflect_threshold: float | None,
     target: dict[str, Any],
     now: float,
 ) -> list[int]:
     """Merge, supersede or insert each fact; queue embedding (and reflection); finish
-    the job. Returns the new fact ids."""
+    the jobs. Returns the new fact ids."""
     added: list[int] = []
     keys: dict[str, int] = {}  # normalised text -> fact id, within this answer
     for fact in new_facts:
@@ -392,7 +453,7 @@ def store_facts(
                     at=at,
                     importance=fact.importance,
                     sources=live,
-                    meta={"job": job_id},
+                    meta={"job": job_ids[0]},
                 )
             ],
             now,
@@ -410,7 +471,7 @@ def store_facts(
         jobs.enqueue(conn, EMBED_JOB, {"memory_ids": added}, scope_id, now)
     if reflect_threshold is not None:
         reflect.queue_if_due(conn, scope_id, reflect_threshold, target, now)
-    jobs.finish(conn, job_id, now)
+    _finish_all(conn, job_ids, now)
     return added
 
 
