@@ -11,6 +11,9 @@ A truncated answer is read as far as it goes: an unfinished element of an array 
 dropped (half a fact is not a fact), an unfinished string elsewhere is kept, and the
 result says it was truncated so that the caller can decide (a summary cut mid-way is
 trimmed back to its last full sentence).
+
+Two readers of values inside the JSON live here too: `read_importance` (0.7, "0.7",
+7 of 10, 70 %, "high") and `normalise` (how two texts are told to be the same fact).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class JobContext:
     config: BackgroundConfig
     prompts: Prompts = DEFAULT_PROMPTS
     embedder: Embedder | None = None  # set once the embedding model is ready
-    clock: Callable[[], float] = field(default=lambda: 0.0)
+    clock: Callable[[], float] = time.time
     wake: Callable[[], None] = field(default=lambda: None)  # new embed jobs were queued
 
 
