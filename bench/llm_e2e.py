@@ -75,11 +75,23 @@ def system_prompt() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+# Gemma's turn format, for a GGUF without a chat template (the base model from PyPI);
+# Gemma has no system role: system text goes in a user turn.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = 'user' %}"
+    "{% endif %}<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
 @contextlib.contextmanager
 def llama_server(binary: str, model: str, port: int, ctx: int, threads: int) -> Iterator[str]:
-    """Start llama-server with one slot; yield its /v1 base URL."""
+    """Start llama-server with one slot (and Gemma's chat format); yield its /v1 base URL."""
+    template = Path(tempfile.mkdtemp()) / "gemma.jinja"
+    template.write_text(GEMMA_TEMPLATE)
     command = [binary, "-m", model, "--port", str(port), "-c", str(ctx), "-t", str(threads)]
-    command += ["-np", "1", "--chat-template", "gemma"]
+    command += ["-np", "1", "--jinja", "--chat-template-file", str(template)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -139,7 +151,7 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
                     "summary_words": 80,
                     "reflect_threshold": 2.0,
                     "timeout": args.timeout,
-                    "max_tokens": 300,
+                    "max_tokens": args.max_tokens,
                 },
             },
         )
@@ -221,6 +233,7 @@ def main() -> None:
     parser.add_argument("--think", type=float, default=8.0, help="seconds between turns")
     parser.add_argument("--summary-every", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--max-tokens", type=int, default=300, help="of facts and insights")
     parser.add_argument("--drain", type=float, default=300.0, help="seconds to wait for jobs")
     args = parser.parse_args()
     if args.url:
