@@ -247,8 +247,15 @@ def proxy_config(
     db: Path,
     cap: int,
     extra: str = "",
+    embeddings: str | None = None,
 ) -> Path:
-    """A config.toml for one pass."""
+    """A config.toml for one pass; ``embeddings`` replaces the [embeddings] section
+    (default: the bench's embedding server)."""
+    if embeddings is None:
+        embeddings = (
+            f'[embeddings]\nbackend = "upstream"\nupstream = "embed"\nmodel = "{model_id}"\n'
+            "batch_size = 64\n"
+        )
     path.write_text(
         f"""[server]
 host = "127.0.0.1"
@@ -271,12 +278,7 @@ style_sample = false
 total = {cap}
 memories = {cap}
 
-[embeddings]
-backend = "upstream"
-upstream = "embed"
-model = "{model_id}"
-batch_size = 64
-
+{embeddings}
 [background]
 llm = false
 
@@ -289,13 +291,14 @@ store_messages = false
 
 
 @contextlib.contextmanager
-def running_proxy(config: Path, port: int, log: Path) -> Iterator[str]:
-    """``python -m proxy start`` with this config until the block ends."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def running_proxy(config: Path, port: int, log: Path, root: Path = ROOT) -> Iterator[str]:
+    """``python -m proxy start`` with this config until the block ends; ``root`` is the
+    checkout whose proxy runs (another worktree, to measure an older version)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root)}
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "start", "--config", str(config)],
-            cwd=ROOT,
+            cwd=root,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -411,6 +414,86 @@ def ask(
     }
 
 
+# -- added time to first byte ---------------------------------------------------------
+
+
+def first_byte(
+    client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> float:
+    """Seconds from sending a streamed chat request to its first body byte."""
+    started = time.perf_counter()
+    with client.stream("POST", url, json=body, headers=headers, timeout=120) as response:
+        response.raise_for_status()
+        for _ in response.iter_raw():
+            elapsed = time.perf_counter() - started
+            break
+        else:
+            raise RuntimeError("empty response")
+        response.read()
+    return elapsed
+
+
+def measure_ttfb(
+    client: httpx.Client,
+    proxy_url: str,
+    fake_url: str,
+    scope: str,
+    queries: Sequence[dict[str, Any]],
+    rounds: int,
+) -> dict[str, Any]:
+    """Paired TTFB: each round sends one query straight to the fake and through the
+    proxy into ``scope`` (alternating which goes first); a different question each
+    round, so the query embedding is never a cache hit."""
+    headers = {"X-Memory-Write": "off"}
+    deadline = time.monotonic() + 300
+    while True:  # until the embedding model is loaded (no "warming up")
+        probe = client.post(
+            f"{proxy_url}/s/{scope}/v1/chat/completions",
+            json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "warm up"}]},
+            headers=headers,
+            timeout=120,
+        )
+        if "x-memory-error" not in probe.headers:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the proxy's embedder did not load: {probe.headers}")
+        time.sleep(1)
+    direct, proxied = [], []
+    for i in range(rounds):
+        q = queries[i % len(queries)]
+        text = q["question"] if i < len(queries) else f"{q['question']} ({i})"
+        body = {
+            "model": CHAT_MODEL,
+            "stream": True,
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": text},
+            ],
+        }
+        now = {"X-Memory-Now": lme.parse_date(q["question_date"]).isoformat()}
+        pair = [
+            ("direct", f"{fake_url}/v1/chat/completions", {}),
+            ("proxy", f"{proxy_url}/s/{scope}/v1/chat/completions", {**headers, **now}),
+        ]
+        if i % 2:
+            pair.reverse()
+        for name, url, h in pair:
+            (direct if name == "direct" else proxied).append(first_byte(client, url, body, h))
+    added = sorted(p - d for p, d in zip(proxied, direct, strict=True))
+
+    def pct(values: list[float], p: float) -> float:
+        values = sorted(values)
+        return round(1000 * values[min(len(values) - 1, int(p * len(values)))], 2)
+
+    return {
+        "rounds": rounds,
+        "direct_p50_ms": pct(direct, 0.5),
+        "proxy_p50_ms": pct(proxied, 0.5),
+        "added_p50_ms": pct(added, 0.5),
+        "added_p95_ms": pct(added, 0.95),
+    }
+
+
 # -- the run -----------------------------------------------------------------------
 
 
@@ -449,6 +532,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "subset": [q["question_id"] for q in chosen],
         "caps": list(args.caps),
         "extra_config": extra,
+        "proxy_root": args.proxy_root,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "passes": {},
     }
@@ -474,7 +558,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             rows = []
             import_s = 0.0
-            with running_proxy(config, port, RESULTS / f"recall-proxy-{cap}.log") as url:
+            log = RESULTS / f"recall-proxy-{cap}.log"
+            with running_proxy(config, port, log, Path(args.proxy_root or ROOT)) as url:
                 for index, question in enumerate(chosen):
                     if number == 0 and not (args.keep_db and has_scope(client, url, question)):
                         t0 = time.perf_counter()
@@ -490,6 +575,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             summary = lme.aggregate(rows)
             out["passes"][str(cap)] = {"summary": summary, "rows": rows, "import_s": import_s}
             print_table(cap, summary)
+        if args.ttfb:
+            out["ttfb"] = run_ttfb(args, client, up, embed.url, db, chosen)
     out["seconds"] = round(time.perf_counter() - started, 1)
     out["embeddings"] = {
         "cache_hits": served.hits,
@@ -503,6 +590,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"cached {served.hits}; load avg {out['load_avg_end']:.1f}"
     )
     return out
+
+
+def run_ttfb(
+    args: argparse.Namespace,
+    client: httpx.Client,
+    up: FakeUpstream,
+    embed_url: str,
+    db: Path,
+    chosen: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    """The proxy with its own local embedding model (``--ttfb-backend``) over the bench
+    database, cap 2000: added TTFB of question requests into the first question's scope."""
+    port = free_port()
+    backend = args.ttfb_backend
+    # Vectors of another model would be reset: torch gets a database of its own.
+    own_db = backend != "onnx" or args.model != "onnx"
+    if own_db:
+        db = RESULTS / f"recall-ttfb-{backend}.db"
+    config = proxy_config(
+        RESULTS / "recall-ttfb.toml",
+        port=port,
+        fake_url=up.url,
+        embed_url=embed_url,
+        model_id=MODELS[args.model],
+        db=db,
+        cap=max(args.caps or [2000]),
+        embeddings=f'[embeddings]\nbackend = "{backend}"\nthreads = 1\n',
+    )
+    scope = scope_name(chosen[0])
+    log = RESULTS / "recall-proxy-ttfb.log"
+    with running_proxy(config, port, log, Path(args.proxy_root or ROOT)) as url:
+        if own_db:  # its model embeds the haystack itself, once
+            if not has_scope(client, url, chosen[0]):
+                import_haystack(client, url, chosen[0])
+            wait_for_jobs(client, url, scope)
+        view = client.get(f"{url}/memory/scopes/{scope}", timeout=60).json()
+        result = measure_ttfb(client, url, up.url, scope, chosen, args.ttfb)
+    result.update(
+        backend=backend,
+        scope=scope,
+        messages=view["messages"]["active"],
+        memories=view["memories"]["active"],
+        load_avg=os.getloadavg()[0],
+    )
+    print(
+        f"\nadded TTFB ({backend}, {result['messages']} messages / {result['memories']} memories, "
+        f"{args.ttfb} paired rounds): p50 {result['added_p50_ms']} ms, "
+        f"p95 {result['added_p95_ms']} ms (direct p50 {result['direct_p50_ms']} ms)"
+    )
+    return result
 
 
 def print_table(cap: int, summary: dict[str, dict[str, float]]) -> None:
@@ -526,7 +663,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=100, help="subset size (0: every question)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="only these question ids (of the subset)")
-    parser.add_argument("--caps", type=int, nargs="+", default=list(DEFAULT_CAPS))
+    parser.add_argument("--caps", type=int, nargs="*", default=list(DEFAULT_CAPS))
+    parser.add_argument(
+        "--ttfb", type=int, default=0, metavar="N", help="then measure added TTFB, N rounds"
+    )
+    parser.add_argument("--ttfb-backend", choices=["onnx", "sentence-transformers"], default="onnx")
     parser.add_argument("--model", choices=sorted(MODELS), default="onnx")
     parser.add_argument(
         "--prefill",
@@ -541,6 +682,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--extra-config", help="TOML appended to the proxy's config")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--proxy-root", help="run the proxy of this checkout (a git worktree of another commit)"
+    )
     args = parser.parse_args(argv)
     out = run(args)
     path = (

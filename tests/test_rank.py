@@ -175,3 +175,32 @@ def test_ranking_two_hundred_candidates_is_fast():
     per_call = (time.perf_counter() - start) / runs
     # Target: well under 1 ms; the bound is loose because CI machines are shared.
     assert per_call < 0.005
+
+
+def test_a_span_of_time_favours_memories_inside_it():
+    from proxy.memory.timeq import TimeSpan
+
+    span = TimeSpan(NOW - 10 * DAY, NOW - 9 * DAY, "ten days ago")
+    inside = cand(1, vector_sim=0.5, at=NOW - 9.5 * DAY)
+    near_it = cand(2, vector_sim=0.5, at=NOW - 8 * DAY)  # a day after the span
+    far = cand(3, vector_sim=0.6, at=NOW - 100 * DAY)
+    w = Weights(recency=0.0, time=0.5)
+    results = rank([far, near_it, inside], now=NOW, weights=w, exclude_sources=set(), limit=3,
+                   span=span)  # fmt: skip
+    assert ids(results) == [1, 2, 3]
+    assert results[0].components["time"] == 1.0
+    assert results[1].components["time"] == 0.5  # one span-length (a day) away
+    # Without a span, or with the weight off, time plays no part.
+    assert ids(ranked([far, near_it, inside], weights=w)) == [3, 2, 1]
+    off = rank([far, inside], now=NOW, weights=Weights(recency=0.0, time=0.0),
+               exclude_sources=set(), limit=3, span=span)  # fmt: skip
+    assert ids(off) == [3, 1] and "time" not in off[0].components
+
+
+def test_context_similarity_lifts_a_turn_next_to_a_strong_match():
+    weak = cand(1, vector_sim=0.4, context_sim=0.9)
+    plain = cand(2, vector_sim=0.45)
+    assert ids(ranked([weak, plain])) == [2, 1]  # context off by default
+    results = ranked([weak, plain], weights=Weights(context=0.3))
+    assert ids(results) == [1, 2]
+    assert results[0].components["context"] == 0.9

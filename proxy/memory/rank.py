@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from proxy.inject.block import Recalled
+from proxy.memory.timeq import TimeSpan
 
 _SECONDS_PER_DAY = 86_400.0
 # ASCII punctuation and the typographic marks chat text is full of.
@@ -35,6 +36,7 @@ class Candidate:
     speaker: str | None = None
     role: str | None = None
     pinned: bool = False
+    context_sim: float | None = None  # best similarity among its neighbouring turns
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,14 @@ class Weights:
     min_score: float = 0.0
     # bm25 rank at which the keyword evidence is worth half of a top hit.
     keyword_half_rank: float = 5.0
+    # Weight of lying in the span of time the query names ("last Saturday"), if any.
+    time: float = 0.3
+    # Weight of the best similarity among a candidate's neighbouring turns.
+    context: float = 0.0
+    # A memory longer than `length_ref` characters costs more of the block: its score
+    # is scaled by (length_ref / length) ** length_norm (0: length plays no part).
+    length_norm: float = 0.0
+    length_ref: int = 300
 
 
 def rank(
@@ -58,10 +68,12 @@ def rank(
     weights: Weights,
     exclude_sources: set[int],
     limit: int,
+    span: TimeSpan | None = None,
 ) -> list[Recalled]:
     """The best `limit` candidates, best first, as `Recalled` with score and components.
 
     priority = w_sim·similarity + w_kw·keyword + w_rec·recency + w_imp·importance
+               (+ w_time·time when the query names a `span` of time)
 
     - similarity: the cosine clamped to [0, 1]; 0 when not found by vector search;
     - keyword: h / (h + bm25_rank) with h = `keyword_half_rank` (1 for the top hit,
@@ -69,7 +81,8 @@ def rank(
       candidate found both ways outranks one of equal similarity found one way;
     - recency: 0.5 ** (age_days / half_life), 1 for now (and the future); 0 when
       the half-life is not positive (recency off);
-    - importance: clamped to [0, 1].
+    - importance: clamped to [0, 1];
+    - time: 1 inside `span`, halving with each span-length (a day at least) outside it.
 
     Dropped: candidates all of whose sources are in `exclude_sources` (the model sees
     them in the kept window; a candidate without sources is never dropped this way)
@@ -78,7 +91,7 @@ def rank(
     spacing, or one contained in the other) merge into the better-scored one, which
     takes the newer date and the union of their sources.
     """
-    scorer = _Scorer(now, weights)
+    scorer = _Scorer(now, weights, span)
     # Sort keys first so that plain tuple comparison orders them: pinned first, then
     # by score, ties to the newer memory, then the lower id (deterministic).
     scored: list[tuple[bool, float, float, int, int, float]] = []
@@ -111,12 +124,22 @@ def rank(
 class _Scorer:
     """The formula of `rank`, with the per-call constants computed once."""
 
-    def __init__(self, now: float, weights: Weights) -> None:
+    def __init__(self, now: float, weights: Weights, span: TimeSpan | None = None) -> None:
         self.now = now
         self.w = weights
         days = weights.recency_half_life_days
         self.decay = math.log(0.5) / (days * _SECONDS_PER_DAY) if days > 0 else None
         self.half_rank = max(weights.keyword_half_rank, 1e-9)
+        self.span = span if weights.time > 0 else None
+        if self.span is not None:
+            width = max(self.span.end - self.span.start, _SECONDS_PER_DAY)
+            self.span_decay = math.log(0.5) / width
+
+    def timing(self, c: Candidate) -> float:
+        """1 inside the query's span of time, halving with each span-length outside."""
+        if self.span is None:
+            return 0.0
+        return math.exp(self.span_decay * self.span.distance(c.at))
 
     def parts(self, c: Candidate) -> tuple[float, float, float, float]:
         sim = c.vector_sim
@@ -134,12 +157,25 @@ class _Scorer:
     def score(self, c: Candidate) -> float:
         similarity, keyword, recency, importance = self.parts(c)
         w = self.w
-        return (
+        total = (
             w.similarity * similarity
             + w.keyword * keyword
             + w.recency * recency
             + w.importance * importance
+            + w.time * self.timing(c)
+            + w.context * self.context(c)
         )
+        return total * self.length_factor(c)
+
+    def length_factor(self, c: Candidate) -> float:
+        """(length_ref / length) ** length_norm for memories longer than length_ref."""
+        if self.w.length_norm <= 0 or len(c.text) <= self.w.length_ref:
+            return 1.0
+        return (self.w.length_ref / len(c.text)) ** self.w.length_norm
+
+    def context(self, c: Candidate) -> float:
+        sim = c.context_sim
+        return 0.0 if sim is None or sim < 0.0 else 1.0 if sim > 1.0 else sim
 
     def components(self, c: Candidate) -> dict[str, float]:
         similarity, keyword, recency, importance = self.parts(c)
@@ -149,6 +185,10 @@ class _Scorer:
             "recency": recency,
             "importance": importance,
         }
+        if self.span is not None:
+            parts["time"] = self.timing(c)
+        if self.w.context > 0:
+            parts["context"] = self.context(c)
         if c.pinned:
             parts["pinned"] = 1.0
         return parts

@@ -29,8 +29,8 @@ from proxy.inject.templates import Templates
 from proxy.inject.tokens import TokenCounter, encoding_for_model
 from proxy.memory import records
 from proxy.memory.embed import CachedEmbedder
-from proxy.memory.rank import Weights, rank
-from proxy.memory.recall import ScopeContext, find_candidates, query_text, scope_context
+from proxy.memory.rank import Weights
+from proxy.memory.recall import RecallQuery, ScopeContext, query_text, recall, scope_context
 from proxy.memory.record import Recorded, Turn, record_turn
 from proxy.memory.schedule import BackgroundConfig, TurnJobs, first_in_window
 from proxy.memory.scope import InvalidScope, ScopeRef, detect_names, resolve_scope
@@ -278,12 +278,10 @@ class Remember:
             vector = await self.embedder.embed_query(query)
         else:  # keyword search still works meanwhile
             errors.append(self.embedder_error or "warming up")
-        candidates = await self.store.read(find_candidates, scope_id, vector, query, rec.candidates)
         in_window = {sid for index, sid in alignment.matched if index in set(trim.kept)}
-        exclude = in_window | set(alignment.undone)
-        return rank(
-            candidates, now=now, weights=self.weights, exclude_sources=exclude, limit=rec.limit
-        )
+        exclude = frozenset(in_window | set(alignment.undone))
+        q = RecallQuery(query, vector, now, self.weights, rec.candidates, rec.limit, exclude)
+        return await self.store.read(recall, scope_id, q)
 
     def _compose(
         self,
