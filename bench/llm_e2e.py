@@ -114,8 +114,11 @@ def llama_server(binary: str, model: str, port: int, ctx: int, threads: int) -> 
             process.kill()
 
 
-def stream_turn(client: httpx.Client, proxy: str, messages: list[dict[str, Any]]) -> tuple:
-    """One streamed turn: (ttfb seconds, total seconds, reply text)."""
+def stream_turn(
+    client: httpx.Client, proxy: str, messages: list[dict[str, Any]]
+) -> tuple[float | None, float, str]:
+    """One streamed turn: (ttfb seconds, total seconds, reply text); ttfb None and the
+    error as the text when the upstream refused it."""
     body = {"model": "local", "messages": messages, "stream": True, "max_tokens": 60}
     started = time.monotonic()
     first = None
@@ -123,7 +126,9 @@ def stream_turn(client: httpx.Client, proxy: str, messages: list[dict[str, Any]]
     with client.stream(
         "POST", f"{proxy}/v1/chat/completions", json=body, headers={"x-memory-scope": SCOPE}
     ) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            error = response.read().decode("utf-8", "replace")[:300]
+            return None, time.monotonic() - started, f"HTTP {response.status_code}: {error}"
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -157,11 +162,17 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         )
         idle: list[float] = []
         busy: list[float] = []
+        errors: list[str] = []
         history = system_prompt()
         with run_server(build_app(settings)) as proxy, httpx.Client(timeout=300) as client:
             for i, said in enumerate(TURNS[: args.turns]):
                 history.append({"role": "user", "content": said})
                 ttfb, total, reply = stream_turn(client, proxy.url, history)
+                if ttfb is None:  # the upstream refused it: say why, go on without it
+                    errors.append(reply)
+                    print(f"turn {i + 1}: {reply}")
+                    history.pop()
+                    continue
                 history.append({"role": "assistant", "content": reply})
                 (busy if i and i % 2 == 0 else idle).append(ttfb)
                 print(f"turn {i + 1}: ttfb {ttfb:.2f} s, total {total:.2f} s: {reply[:60]!r}")
@@ -177,6 +188,7 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 metrics = client.get(f"{proxy.url}/metrics").text
             finally:
                 store.close_sync()
+    report["turn_errors"] = errors
     report["ttfb_idle_s"] = _stats(idle)
     report["ttfb_over_a_running_job_s"] = _stats(busy)
     report["metrics"] = {
