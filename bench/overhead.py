@@ -1,6 +1,6 @@
 """What the proxy adds to a streamed chat request: latency (paired) and throughput.
 
-    .venv/bin/python bench/overhead.py                       # direct vs proxy, ~3 minutes
+    .venv/bin/python bench/overhead.py                       # direct vs proxy, ~2 minutes
     .venv/bin/python bench/overhead.py --fast                # + proxy on uvloop/httptools
     .venv/bin/python bench/overhead.py --litellm             # + LiteLLM's proxy (own venv)
     .venv/bin/python bench/overhead.py --requests 100 --duration 5 --rounds 1   # quick
@@ -14,11 +14,10 @@ history (~8k characters), `stream: true`. The client is a raw asyncio socket cli
 (HTTP/1.1 written by hand, chunked SSE read until `data: [DONE]`), so that it costs
 little CPU next to the servers it measures.
 
-1. Latency, paired: one request at a time, the targets in turn (direct, proxy, ...),
-   the order rotated every round so that neither always goes first; noise hits each
-   pair alike. TTFB is the time from connect to the first SSE event; total is to
-   `data: [DONE]`. The per-pair difference (target minus direct) is what the proxy
-   adds.
+1. Latency, paired: one request at a time; for each proxy, N pairs of requests
+   (direct, proxy), the order alternating, so that noise hits both of a pair alike.
+   TTFB is the time from connect to the first SSE event; total is to `data: [DONE]`.
+   The per-pair difference (proxy minus direct) is what the proxy adds.
 2. Throughput: N concurrent streams in a closed loop for `--duration` seconds after
    a warm-up; requests/s completed, latency under load, and the CPU each process
    spent per request (from /proc, less noisy than wall time on a shared machine).
@@ -255,7 +254,12 @@ async def _stream(port: int, raw_request: bytes, t0: float) -> Sample:
         status_line = await reader.readline()
         parts = status_line.split(None, 2)
         if len(parts) < 2 or parts[1] != b"200":
-            raise StreamError(f"status line {status_line[:80]!r}")
+            rest = b""  # headers and the error body, until the server closes
+            with contextlib.suppress(TimeoutError):
+                while chunk := await asyncio.wait_for(reader.read(4096), 2.0):
+                    rest += chunk
+            detail = rest.partition(b"\r\n\r\n")[2][-300:].decode("utf-8", "replace")
+            raise StreamError(f"{status_line.strip().decode('latin-1')}: {detail}")
         chunked = False
         while True:
             line = await reader.readline()
@@ -506,37 +510,49 @@ class LatencyResult:
 
 
 async def paired_latency(targets: list[Target], requests: int, warmup: int) -> LatencyResult:
-    """One request at a time, every target once per round, the order rotated."""
-    samples: dict[str, list[Sample]] = {t.name: [] for t in targets}
-    cpu: dict[str, float] = {}
-    for i in range(warmup + requests):
-        if i == warmup:
-            cpu = {t.name: cpu_seconds(t.pid) for t in targets}
-        shift = i % len(targets)
-        for target in targets[shift:] + targets[:shift]:
-            sample = await stream_once(target.port, target.raw_request)
-            if i >= warmup:
-                samples[target.name].append(sample)
+    """For each proxy in turn, `requests` pairs (direct, proxy), one request at a time.
+
+    The order inside a pair alternates; each proxy is compared with the direct requests
+    of its own pairs, so a proxy's after-work (LiteLLM logs in the background after each
+    answer) cannot slow another proxy's requests. `direct` pools every phase's.
+    """
+    direct, proxies = targets[0], targets[1:]
     result = LatencyResult(requests=requests)
-    for target in targets:
-        # The fake answers every target's requests: its CPU is per request it served.
-        served = requests * (len(targets) if target is targets[0] else 1)
-        spent = cpu_seconds(target.pid) - cpu[target.name]
-        result.cpu_ms_per_request[target.name] = round(spent / max(served, 1) * 1000, 3)
-    base = samples[targets[0].name]
-    for target in targets:
-        mine = samples[target.name]
-        good = [s for s in mine if s.ok]
-        result.errors[target.name] = len(mine) - len(good)
-        result.ttfb[target.name] = summary_ms([s.ttfb for s in good])
-        result.total[target.name] = summary_ms([s.total for s in good])
-        result.events[target.name] = round(sum(s.events for s in good) / max(len(good), 1), 1)
-        if target is targets[0]:
-            continue
-        pairs = [(s, b) for s, b in zip(mine, base, strict=True) if s.ok and b.ok]
-        result.added_ttfb[target.name] = summary_ms([s.ttfb - b.ttfb for s, b in pairs])
-        result.added_total[target.name] = summary_ms([s.total - b.total for s, b in pairs])
+    direct_samples: list[Sample] = []
+    fake_cpu, fake_served = 0.0, 0
+    for target in proxies or [direct]:
+        pairs: list[tuple[Sample, Sample]] = []
+        cpu = (0.0, 0.0)
+        for i in range(warmup + requests):
+            if i == warmup:
+                cpu = (cpu_seconds(direct.pid), cpu_seconds(target.pid))
+            order = (direct, target) if i % 2 == 0 else (target, direct)
+            got = [await stream_once(t.port, t.raw_request) for t in order]
+            if i >= warmup:
+                pairs.append((got[0], got[1]) if i % 2 == 0 else (got[1], got[0]))
+        fake_cpu += cpu_seconds(direct.pid) - cpu[0]
+        fake_served += requests * (1 if target is direct else 2)
+        direct_samples += [b for b, _ in pairs]
+        if target is direct:
+            break
+        mine = [s for _, s in pairs]
+        _describe(result, target.name, mine)
+        spent = cpu_seconds(target.pid) - cpu[1]
+        result.cpu_ms_per_request[target.name] = round(spent / requests * 1000, 3)
+        both = [(s, b) for b, s in pairs if s.ok and b.ok]
+        result.added_ttfb[target.name] = summary_ms([s.ttfb - b.ttfb for s, b in both])
+        result.added_total[target.name] = summary_ms([s.total - b.total for s, b in both])
+    _describe(result, direct.name, direct_samples)
+    result.cpu_ms_per_request[direct.name] = round(fake_cpu / max(fake_served, 1) * 1000, 3)
     return result
+
+
+def _describe(result: LatencyResult, name: str, samples: list[Sample]) -> None:
+    good = [s for s in samples if s.ok]
+    result.errors[name] = len(samples) - len(good)
+    result.ttfb[name] = summary_ms([s.ttfb for s in good])
+    result.total[name] = summary_ms([s.total for s in good])
+    result.events[name] = round(sum(s.events for s in good) / max(len(good), 1), 1)
 
 
 # -- 2. throughput ----------------------------------------------------------------------
@@ -623,12 +639,12 @@ def _cpu_now(target: Target, fake: Target) -> dict[str, float]:
 
 def print_latency(result: LatencyResult) -> None:
     """The paired latency table."""
-    print(f"\nLatency, paired ({result.requests} rounds, one request at a time), ms")
+    print(f"\nLatency, {result.requests} pairs (direct, target) each, one at a time, ms")
     print(
         f"{'target':<18}{'TTFB p50':>10}{'p95':>9}{'total p50':>11}{'p95':>9}"
         f"{'events':>8}{'errors':>8}{'CPU ms/req':>12}"
     )
-    for name in result.ttfb:
+    for name in sorted(result.ttfb, key=_order):
         t, s = result.ttfb[name], result.total[name]
         print(
             f"{name:<18}{t['p50']:>10.2f}{t['p95']:>9.2f}{s['p50']:>11.2f}{s['p95']:>9.2f}"
@@ -675,8 +691,8 @@ def _order(name: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--requests", type=int, default=300, help="paired rounds (default 300)")
-    p.add_argument("--warmup", type=int, default=20, help="paired rounds not counted")
+    p.add_argument("--requests", type=int, default=300, help="pairs per proxy (default 300)")
+    p.add_argument("--warmup", type=int, default=20, help="pairs not counted, per proxy")
     p.add_argument("--concurrency", default="16,64", help="comma-separated (default 16,64)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run")
     p.add_argument("--rps-warmup", type=float, default=2.0, help="seconds before measuring")
