@@ -188,11 +188,12 @@ async def open_memory(
     )
     activity = Activity()
     background = background_config(settings)
+    windows = ContextWindows(pool, settings.memory.default_context_window)
     worker = Worker(
         store,
         embedder,
         activity,
-        model=memory_model(settings, router, pool, gate or UpstreamGate(), metrics),
+        model=memory_model(settings, router, pool, gate or UpstreamGate(), metrics, windows),
         config=background,
         prompts=settings.prompt_texts(),
     )
@@ -203,7 +204,7 @@ async def open_memory(
         settings=settings,
         store=store,
         embedder=embedder,
-        windows=ContextWindows(pool, settings.memory.default_context_window),
+        windows=windows,
         templates=settings.template_texts(),
         worker=worker,
         activity=activity,

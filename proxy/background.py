@@ -13,6 +13,7 @@ from proxy.settings import Settings
 from proxy.upstreams.client import UpstreamPool
 from proxy.upstreams.gate import UpstreamGate
 from proxy.upstreams.registry import Router
+from proxy.upstreams.windows import ContextWindows
 
 
 def background_config(settings: Settings) -> BackgroundConfig:
@@ -38,7 +39,12 @@ def background_config(settings: Settings) -> BackgroundConfig:
 
 
 def memory_model(
-    settings: Settings, router: Router, pool: UpstreamPool, gate: UpstreamGate, metrics: Metrics
+    settings: Settings,
+    router: Router,
+    pool: UpstreamPool,
+    gate: UpstreamGate,
+    metrics: Metrics,
+    windows: ContextWindows | None = None,
 ) -> MemoryModel:
     """The client background jobs ask the model through (gated, counted in /metrics)."""
     bg = settings.background
@@ -51,4 +57,5 @@ def memory_model(
         structured=bg.structured_output,
         retry_prompt=settings.prompt_texts().retry,
         count=metrics.add,
+        windows=windows,
     )

@@ -29,6 +29,8 @@ from tests.fakes.upstream import FakeUpstream
 from tests.memory_helpers import memory_block, st_body
 
 EVERY = 4
+WINDOW = 1024
+BACKGROUND = {"summary_every": EVERY, "summary_words": 60, "facts": False}
 
 
 def turn(i: int) -> str:
@@ -55,7 +57,7 @@ class Summaries:
 @pytest.fixture
 def up() -> Any:
     # A small window: about ten messages fit, the rest must be summarized.
-    with FakeUpstream(flavor="llamacpp", context_window=1024) as fake:
+    with FakeUpstream(flavor="llamacpp", context_window=WINDOW) as fake:
         yield fake
 
 
@@ -74,9 +76,7 @@ def test_summary_updates_at_the_threshold_with_history_and_fills_the_summary_slo
     summaries = Summaries()
     model = MemoryModel(chat=lambda body: "Mira marks the map.", summary=summaries)
     up.responder = model
-    proxy = background_proxy(
-        make_proxy, up, tmp_path, background={"summary_every": EVERY, "facts": False}
-    )
+    proxy = background_proxy(make_proxy, up, tmp_path, background=BACKGROUND)
     db = tmp_path / "memory.db"
     history: list[tuple[str, str]] = []
     for i in range(3):
@@ -100,6 +100,8 @@ def test_summary_updates_at_the_threshold_with_history_and_fills_the_summary_slo
     assert re.fullmatch(r"2026-04-01 Mira: Mira marks the map\.", new_lines[2])
     assert "Summary so far:\nVersion 1: " in prompt_of(second)
     assert first["response_format"]["json_schema"]["name"] == "summary"
+    for body in model.calls["summary"]:  # each fits the model's window, cautiously counted
+        assert len(prompt_of(body)) / 3 + body["max_tokens"] <= WINDOW
 
     # Every version is kept: one active, the older ones archived, in order.
     versions = list(reversed(read(db, scope_state.list_summaries, scope)))
@@ -131,9 +133,7 @@ def test_undoing_covered_messages_rolls_the_summary_back_and_rebuilds_it(
     summaries = Summaries()
     model = MemoryModel(chat=lambda body: "Mira marks the map.", summary=summaries)
     up.responder = model
-    proxy = background_proxy(
-        make_proxy, up, tmp_path, background={"summary_every": EVERY, "facts": False}
-    )
+    proxy = background_proxy(make_proxy, up, tmp_path, background=BACKGROUND)
     db = tmp_path / "memory.db"
     history: list[tuple[str, str]] = []
     for i in range(14):
@@ -157,9 +157,34 @@ def test_undoing_covered_messages_rolls_the_summary_back_and_rebuilds_it(
 
     after = {v.id: v for v in read(db, scope_state.list_summaries, scope)}
     assert all(after[v.id].state == "retracted" for v in before)  # all covered turn 1
-    assert not memories(db, scope, "summary")  # their archived copies are retracted too
+    old = {v.id for v in before}
+    # Their archived copies are retracted too; archives of the rebuild may follow.
+    assert not any(m.meta["summary_id"] in old for m in memories(db, scope, "summary"))
+    gone = memories(db, scope, "summary", states=("retracted",))
+    assert {m.meta["summary_id"] for m in gone} == old - {before[0].id}  # the active had none
     rebuilt = read(db, scope_state.current_summary, scope)
     assert rebuilt is not None and rebuilt.id not in {v.id for v in before}
     rebuild_prompts = model.calls["summary"][len(before) :]
     assert "(nothing yet" in prompt_of(rebuild_prompts[0])
     assert "mountain pass" in prompt_of(rebuild_prompts[0])
+
+
+def test_a_window_too_small_for_a_summary_fails_the_job_visibly_without_asking(
+    make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    with FakeUpstream(flavor="llamacpp", context_window=700) as up:
+        model = MemoryModel(chat=lambda body: "Mira marks the map.")
+        up.responder = model
+        proxy = background_proxy(
+            make_proxy, up, tmp_path, background={"summary_every": 2, "facts": False}
+        )
+        db = tmp_path / "memory.db"
+        history: list[tuple[str, str]] = []
+        for i in range(8):
+            history = say(proxy, history, turn(i))
+            wait_for_jobs(db)
+        failed = [j for j in wait_for_jobs(db) if j.kind == "summarize"]
+        assert failed and failed[0].state == "failed" and failed[0].attempts == 1
+        assert "context window of 'local' leaves" in failed[0].last_error
+        assert "summary_words" in failed[0].last_error  # and says what to change
+        assert model.count("summary") == 0

@@ -31,7 +31,7 @@ import numpy as np
 from proxy.inject.templates import render
 from proxy.memory import jobs, records, reflect, vectors
 from proxy.memory.db import Connection
-from proxy.memory.llm import Target
+from proxy.memory.llm import CHARS_PER_TOKEN, Target, WontFit, approx_tokens
 from proxy.memory.llm_json import Parsed, normalise, read_importance
 from proxy.memory.record import EMBED_JOB
 from proxy.memory.records import MessageRow, chunked, placeholders
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 EXTRACT_JOB = "extract"
 _CONTEXT_CHARS = 600  # of each earlier message shown for context
 _MESSAGE_CHARS = 3000  # of each new message
+_MIN_MESSAGE_CHARS = 80  # less room than this per new message: the window is too small
 _QUERY_CHARS = 2000  # of the new messages, as the search for related facts
 _MIN_SIMILARITY = 0.3
 MAX_BATCH_MESSAGES = 12  # new messages in one extraction, when jobs are taken along
@@ -192,12 +193,25 @@ async def _extract(job: Job, job_ids: list[int], ids: list[int], ctx: JobContext
         "user": user,
         "known": "\n".join(f"K{i}. {k.text}" for i, k in enumerate(known, 1)) or "(none)",
         "context": "\n".join(_line(m, None, _CONTEXT_CHARS) for m in found.context) or "(none)",
-        "messages": "\n".join(_line(m, i, _MESSAGE_CHARS) for i, m in enumerate(found.new, 1)),
+        "messages": "",
     }
     prompts = ctx.prompts
     upstream, model = job_target(ctx.config, job.payload)
+    target = Target(upstream, model)
+    limit = _MESSAGE_CHARS
+    room = await ctx.model.room(target, ctx.config.max_tokens)
+    if room is not None:  # cut long messages to what the window leaves
+        fixed = render(prompts.facts_system, values) + render(prompts.facts_user, values)
+        share = (room - approx_tokens(fixed)) * CHARS_PER_TOKEN // len(found.new) - 30
+        if share < _MIN_MESSAGE_CHARS:
+            raise WontFit(
+                f"the context window of {upstream!r} leaves {room} tokens for a fact "
+                f"prompt: too few for {len(found.new)} messages (use a larger window)"
+            )
+        limit = min(limit, share)
+    values["messages"] = "\n".join(_line(m, i, limit) for i, m in enumerate(found.new, 1))
     new_facts = await ctx.model.ask(
-        Target(upstream, model),
+        target,
         [
             {"role": "system", "content": render(prompts.facts_system, values)},
             {"role": "user", "content": render(prompts.facts_user, values)},

@@ -29,16 +29,28 @@ from proxy.memory.llm_json import Parsed, parse_json
 from proxy.upstreams.client import UpstreamPool, upstream_headers
 from proxy.upstreams.gate import Preempted, UpstreamGate
 from proxy.upstreams.registry import Upstream
+from proxy.upstreams.windows import ContextWindows
 
 log = logging.getLogger("mnemoproxy.llm")
 
 T = TypeVar("T")
 STRUCTURED_MODES = ("json_schema", "json_object", "off")
 _SHOWN_BACK = 1500  # characters of a bad answer shown to the model when asking again
+PROMPT_MARGIN = 64  # tokens kept free in the window besides the answer
+CHARS_PER_TOKEN = 3  # a cautious estimate: our counts are not the upstream's tokenizer
+
+
+def approx_tokens(text: str) -> int:
+    """Tokens of `text` on an unknown tokenizer, overestimated rather than under."""
+    return len(text) // CHARS_PER_TOKEN + 1
 
 
 class LlmUnavailable(Exception):
     """The memory model could not be asked (unreachable, timeout, HTTP error): retry later."""
+
+
+class WontFit(Exception):
+    """The prompt cannot fit the memory model's context window: retrying will not help."""
 
 
 class BadOutput(Exception):
@@ -81,6 +93,7 @@ class MemoryModel:
         structured: str = "json_schema",
         retry_prompt: str = "Your answer could not be used ({{error}}). Answer with only JSON.",
         count: Callable[[str, float], None] | None = None,
+        windows: ContextWindows | None = None,
     ) -> None:
         if structured not in STRUCTURED_MODES:
             raise ValueError(f"structured output is one of {STRUCTURED_MODES}, not {structured!r}")
@@ -93,6 +106,19 @@ class MemoryModel:
         self.retry_prompt = retry_prompt
         self._count = count or (lambda name, value: None)
         self._plain: set[str] = set()  # upstreams that refused structured output
+        self.windows = windows
+
+    async def room(self, target: Target, max_tokens: int) -> int | None:
+        """Prompt tokens the target's context window leaves beside an answer of
+        `max_tokens` (None: unknown, no limit but the settings')."""
+        upstream = self.upstreams.get(target.upstream)
+        if self.windows is None or upstream is None:
+            return None
+        try:
+            window = await self.windows.get(upstream, target.model)
+        except Exception:  # discovery is best effort; the request itself will tell
+            return None
+        return window.tokens - max_tokens - PROMPT_MARGIN
 
     async def ask(
         self,
@@ -154,17 +180,22 @@ class MemoryModel:
         body = _body(model, messages, max_tokens, self.temperature, name, schema, mode)
         status, data = await self._post(upstream, body)
         if status in (400, 422) and mode != "off":
-            # Not every server takes response_format (or this schema): ask plainly
-            # from now on; the prompt asks for JSON anyway and the reader is lenient.
-            log.warning(
-                "upstream %r refused structured output (%s: %s); asking without it",
-                upstream.name,
-                status,
-                _error_text(data),
-            )
-            self._plain.add(upstream.name)
+            # Not every server takes response_format (or this schema): try plainly. If
+            # that works, ask plainly from now on (the prompt asks for JSON anyway and
+            # the reader is lenient); if not, the 400 was about something else.
+            refused = (status, data)
             body.pop("response_format", None)
             status, data = await self._post(upstream, body)
+            if status == 200:
+                log.warning(
+                    "upstream %r refused structured output (%s: %s); asking without it",
+                    upstream.name,
+                    refused[0],
+                    _error_text(refused[1]),
+                )
+                self._plain.add(upstream.name)
+            else:
+                status, data = refused
         if status != 200:
             error = _error_text(data)
             raise LlmUnavailable(f"upstream {upstream.name!r} answered {status}: {error}")

@@ -27,7 +27,7 @@ from proxy.inject.templates import render
 from proxy.memory import jobs, records, scope_state
 from proxy.memory.db import Connection
 from proxy.memory.facts import date_of
-from proxy.memory.llm import Target
+from proxy.memory.llm import CHARS_PER_TOKEN, Target, WontFit, approx_tokens
 from proxy.memory.llm_json import Parsed
 from proxy.memory.record import EMBED_JOB
 from proxy.memory.records import MessageRow, chunked, placeholders
@@ -41,6 +41,7 @@ SUMMARIZE_JOB = "summarize"
 FAILED_PAUSE = 600.0  # seconds without a new summarize job after one failed for good
 ARCHIVE_IMPORTANCE = 0.6
 _MAX_ROUNDS = 50  # batches in one job; the rest waits for the next job
+_MIN_BATCH_CHARS = 300  # less room than this for messages: the window is too small
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -180,6 +181,9 @@ async def handle_summarize(job: Job, ctx: JobContext) -> None:
     until = int(job.payload.get("until_seq", 0))
     config = ctx.config
     upstream, model = job_target(config, job.payload)
+    target = Target(upstream, model)
+    max_tokens = int(config.summary_words * 2) + 64
+    room = await ctx.model.room(target, max_tokens)
     for _ in range(_MAX_ROUNDS):
         batch = await ctx.store.read(next_batch, scope_id, until, config.summary_batch_tokens * 4)
         if not batch.messages:
@@ -188,28 +192,49 @@ async def handle_summarize(job: Job, ctx: JobContext) -> None:
             **batch.names,
             "words": str(config.summary_words),
             "previous": batch.base.text if batch.base else "(nothing yet: this is the start)",
-            "messages": "\n".join(
-                _line(m, config.summary_batch_tokens * 4) for m in batch.messages
-            ),
+            "messages": "",
         }
+        limit = config.summary_batch_tokens * 4
+        if room is not None:  # what the window leaves beside the instructions and old summary
+            fixed = render(ctx.prompts.summary_system, values)
+            fixed += render(ctx.prompts.summary_user, values)
+            limit = min(limit, (room - approx_tokens(fixed)) * CHARS_PER_TOKEN)
+            if limit < _MIN_BATCH_CHARS:
+                raise WontFit(
+                    f"the context window of {upstream!r} leaves {room} tokens for a summary "
+                    f"prompt: too few for the instructions, the summary so far and new "
+                    f"messages (lower [background] summary_words or use a larger window)"
+                )
+        messages = _fit(batch.messages, limit)
+        values["messages"] = "\n".join(_line(m, limit - 60) for m in messages)
         text = await ctx.model.ask(
-            Target(upstream, model),
+            target,
             [
                 {"role": "system", "content": render(ctx.prompts.summary_system, values)},
                 {"role": "user", "content": render(ctx.prompts.summary_user, values)},
             ],
             name="summary",
             schema=SCHEMA,
-            max_tokens=int(config.summary_words * 2) + 64,
+            max_tokens=max_tokens,
             check=read_summary,
         )
         meta = {"after_seq": batch.base.covers_until_seq if batch.base else 0}
-        meta.update({"messages": len(batch.messages), "upstream": upstream, "model": model})
+        meta.update({"messages": len(messages), "upstream": upstream, "model": model})
         archived = await ctx.store.write(
-            save_version, scope_id, batch.base, text, batch.messages, meta, ctx.clock()
+            save_version, scope_id, batch.base, text, messages, meta, ctx.clock()
         )
         if archived:
             ctx.wake()
+
+
+def _fit(messages: list[MessageRow], limit: int) -> list[MessageRow]:
+    """The first messages whose lines fit in `limit` characters (at least one)."""
+    used = 0
+    for count, m in enumerate(messages):
+        used += len(m.content) + 40
+        if count and used > limit:
+            return messages[:count]
+    return messages
 
 
 def next_batch(conn: Connection, scope_id: int, until_seq: int, max_chars: int) -> Batch:

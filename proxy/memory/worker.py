@@ -32,7 +32,7 @@ from proxy.memory import jobs, vectors
 from proxy.memory.db import Connection
 from proxy.memory.embed import Embedder
 from proxy.memory.facts import EXTRACT_JOB, handle_extract
-from proxy.memory.llm import BadOutput, MemoryModel
+from proxy.memory.llm import BadOutput, MemoryModel, WontFit
 from proxy.memory.prompts import DEFAULT_PROMPTS, Prompts
 from proxy.memory.record import EMBED_JOB
 from proxy.memory.records import chunked, placeholders
@@ -243,7 +243,7 @@ class Worker:
             self.preempted += 1
             await self.store.write(jobs.requeue, job.id, self.clock())
             return 1
-        except BadOutput as exc:
+        except (BadOutput, WontFit) as exc:  # asking again would not help
             log.warning("job %s (%s) gave up: %s", job.id, job.kind, exc)
             await self.store.write(jobs.fail, job.id, str(exc)[:2000], self.clock(), None)
             return 1
