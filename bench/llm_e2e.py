@@ -149,7 +149,8 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             None,
             {
                 "upstreams": {"llama": {"base_url": url, "slots": 1}},
-                "memory": {"enabled": True, "database": str(db)},
+                # Our token counts (tiktoken) are not Gemma's: keep a wider margin.
+                "memory": {"enabled": True, "database": str(db), "margin_tokens": args.margin},
                 "embeddings": {"backend": "onnx"},
                 "background": {
                     "summary_every": args.summary_every,
@@ -246,6 +247,7 @@ def main() -> None:
     parser.add_argument("--summary-every", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--max-tokens", type=int, default=300, help="of facts and insights")
+    parser.add_argument("--margin", type=int, default=256, help="[memory] margin_tokens")
     parser.add_argument("--drain", type=float, default=300.0, help="seconds to wait for jobs")
     args = parser.parse_args()
     if args.url:
