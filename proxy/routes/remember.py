@@ -41,6 +41,7 @@ from proxy.metrics import Metrics
 from proxy.routes.auth import Identity
 from proxy.routes.plan import ChatPlan, UnchangedPlan
 from proxy.settings import Settings
+from proxy.style.sample import sample_to_show
 from proxy.upstreams.registry import Route
 from proxy.upstreams.sse import ReplyAccumulator
 from proxy.upstreams.windows import ContextWindows
@@ -299,9 +300,7 @@ class Remember:
     ) -> tuple[Block, Trim]:
         """Build the block, then give history back the room the block did not use."""
         kept_ids = _kept_ids(alignment, trim)
-        style = context.style_text
-        if style and context.style_message_id in kept_ids:
-            style = None  # still in the window: the model sees the real thing
+        style = sample_to_show(context.style_text, context.style_message_id, kept_ids)
         inp = BlockInput(
             summary=context.summary,
             memories=recalled,
@@ -321,11 +320,12 @@ class Remember:
         # History got room back: memories it now shows again need not be injected.
         shown = _kept_ids(alignment, wider)
         still = [m for m in recalled if not (m.source_ids and shown.issuperset(m.source_ids))]
-        if len(still) != len(recalled) or (style and context.style_message_id in shown):
+        shown_style = sample_to_show(style, context.style_message_id, shown)
+        if len(still) != len(recalled) or shown_style != style:
             inp = BlockInput(
                 summary=inp.summary,
                 memories=still,
-                style_sample=None if context.style_message_id in shown else style,
+                style_sample=shown_style,
                 notes=inp.notes,
                 scene=inp.scene,
                 char=inp.char,
