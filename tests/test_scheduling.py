@@ -247,7 +247,7 @@ def test_a_memory_model_upstream_that_is_not_configured_is_refused_at_start() ->
         )
 
 
-def test_extractions_that_queued_up_behind_a_busy_model_go_in_one_request(
+def test_extractions_that_queued_up_behind_a_busy_model_go_together(
     up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
     # A slow model: every extraction is still running when the next turn arrives.
@@ -262,6 +262,29 @@ def test_extractions_that_queued_up_behind_a_busy_model_go_in_one_request(
     assert [j.state for j in extract] == ["done"] * 4
     facts = [r for r in up.chat_requests if job_kind(r.json) == "facts"]
     answered = [r.json for r in facts if r.disconnected_at is None]
-    [last] = answered  # one request answered for all four turns
-    new = json.dumps(last["messages"]).split("New messages:")[-1]
+    # Fewer requests than turns (a turn that comes while a batch waits for the slot
+    # goes in the next one), and together they cover every turn.
+    assert len(answered) <= 2
+    new = " ".join(json.dumps(b["messages"]).split("New messages:")[-1] for b in answered)
     assert all(f"Quick message number {i}." in new for i in range(4))
+
+
+def test_jobs_taken_along_that_would_not_fit_the_window_go_one_by_one(
+    make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    with FakeUpstream(flavor="llamacpp", context_window=1200) as up:
+        model = MemoryModel(facts=lambda body: Reply(json.dumps({"facts": []}), delay_first=3))
+        up.responder = model
+        proxy = background_proxy(make_proxy, up, tmp_path)
+        db = tmp_path / "memory.db"
+        history: list[tuple[str, str]] = []
+        for i in range(4):
+            history = say(proxy, history, f"Quick message number {i}.")
+        extract = [j for j in wait_for_jobs(db, timeout=30) if j.kind == "extract"]
+        assert [j.state for j in extract] == ["done"] * 4
+        facts = [r for r in up.chat_requests if job_kind(r.json) == "facts"]
+        answered = [r.json for r in facts if r.disconnected_at is None]
+        assert len(answered) >= 2  # not all four in one request
+        for request in facts:  # and every one fits the window, cautiously counted
+            prompt = "".join(m["content"] for m in request.json["messages"])
+            assert len(prompt) / 3 + request.json["max_tokens"] <= 1200

@@ -33,6 +33,7 @@ from proxy.memory import jobs, records, reflect, vectors
 from proxy.memory.db import Connection
 from proxy.memory.llm import CHARS_PER_TOKEN, Target, WontFit, approx_tokens
 from proxy.memory.llm_json import Parsed, normalise, read_importance
+from proxy.memory.prompts import Prompts
 from proxy.memory.record import EMBED_JOB
 from proxy.memory.records import MessageRow, chunked, placeholders
 
@@ -167,6 +168,12 @@ async def handle_extract(job: Job, ctx: JobContext) -> None:
     more = await ctx.store.write(_claim_more, job, len(ids), ctx.clock())
     try:
         await _extract(job, [job.id, *more], ids + [i for m in more.values() for i in m], ctx)
+    except WontFit:
+        if not more:
+            raise
+        # Too much for the model's window together: this job alone, the rest later.
+        await ctx.store.write(_give_back, list(more), ctx.clock())
+        await _extract(job, [job.id], ids, ctx)
     except BaseException:
         if more:
             await ctx.store.write(_give_back, list(more), ctx.clock())
@@ -201,8 +208,10 @@ async def _extract(job: Job, job_ids: list[int], ids: list[int], ctx: JobContext
     limit = _MESSAGE_CHARS
     room = await ctx.model.room(target, ctx.config.max_tokens)
     if room is not None:  # cut long messages to what the window leaves
-        fixed = render(prompts.facts_system, values) + render(prompts.facts_user, values)
-        share = (room - approx_tokens(fixed)) * CHARS_PER_TOKEN // len(found.new) - 30
+        share = _share(prompts, values, room, len(found.new))
+        if share < _MIN_MESSAGE_CHARS and found.context:  # context is a nicety: drop it
+            values["context"] = "(none)"
+            share = _share(prompts, values, room, len(found.new))
         if share < _MIN_MESSAGE_CHARS:
             raise WontFit(
                 f"the context window of {upstream!r} leaves {room} tokens for a fact "
@@ -228,6 +237,12 @@ async def _extract(job: Job, job_ids: list[int], ids: list[int], ctx: JobContext
     )
     if added:
         ctx.wake()
+
+
+def _share(prompts: Prompts, values: dict[str, str], room: int, count: int) -> int:
+    """Characters each of `count` new messages may take in a prompt of `room` tokens."""
+    fixed = render(prompts.facts_system, values) + render(prompts.facts_user, values)
+    return (room - approx_tokens(fixed)) * CHARS_PER_TOKEN // count - 30
 
 
 def _claim_more(conn: Connection, job: Job, have: int, now: float) -> dict[int, list[int]]:
