@@ -153,6 +153,13 @@ class MemorySettings(_Section):
         ge=0,
         description="Safety margin (tokens): our counts are estimates of the upstream's tokenizer.",
     )
+    margin_ratio: float = Field(
+        default=0.05,
+        ge=0,
+        le=0.5,
+        description="More safety margin, as a fraction of the window. Counts are also "
+        "corrected by the upstream's own prompt_tokens whenever a reply reports usage.",
+    )
     trim_slack: float = Field(
         default=0.1,
         ge=0,

@@ -346,3 +346,23 @@ def test_x_memory_now_dates_the_turn(
         headers={"X-Memory-Now": "next tuesday"},
     )
     assert bad.status_code == 400 and "X-Memory-Now" in bad.json()["error"]["message"]
+
+
+def test_budget_learns_the_upstreams_own_token_counts(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)  # prepares tiktoken's files
+    counter = TokenCounter("o200k_base")
+    # A model whose tokenizer needs twice the tokens ours counts: it says so in usage.
+    llama.responder = lambda body: Reply(
+        text="Mira nods.", usage={"prompt_tokens": 2 * counter.count_messages(body["messages"])}
+    )
+    history = [(r, filler(i)) for i in range(80) for r in ("user", "assistant")][:-1]
+    before = chat(proxy, st_body(history), {"X-Memory-Scope": "tok"})
+    sent_before = counter.count_messages(llama.last["messages"])
+    after = chat(proxy, st_body(history), {"X-Memory-Scope": "tok", "X-Memory-Write": "off"})
+    sent_after = counter.count_messages(llama.last["messages"])
+    assert int(after.headers["x-memory-trimmed"]) > int(before.headers["x-memory-trimmed"])
+    # In the upstream's own tokens the prompt now fits its window.
+    assert 2 * sent_after <= WINDOW - MAX_TOKENS
+    assert sent_after < sent_before

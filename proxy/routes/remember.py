@@ -103,6 +103,9 @@ class Remember:
         )
         self._scope_locks: dict[int, asyncio.Lock] = {}
         self.embedder_error: str | None = None  # set when the model failed to load
+        # Upstream prompt_tokens / our estimate, per (upstream, model): our tiktoken
+        # counts can be far from a local model's own tokenizer.
+        self._token_ratio: dict[tuple[str, str | None], float] = {}
 
     # -- the plan ------------------------------------------------------------------
 
@@ -168,13 +171,14 @@ class Remember:
         mem = self.settings.memory
         window = await self.windows.get(route.upstream, route.model)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        budget = compute_budget(
-            window.tokens, max_tokens, mem.default_reply_tokens, mem.margin_tokens
-        )
+        margin = mem.margin_tokens + int(window.tokens * mem.margin_ratio)
+        budget = compute_budget(window.tokens, max_tokens, mem.default_reply_tokens, margin)
+        calibration = (route.upstream.name, route.model)
+        available = int(budget.available / self._token_ratio.get(calibration, 1.0))
         counter = self._counter(route.model)
-        slack = int(budget.available * mem.trim_slack)
+        slack = int(available * mem.trim_slack)
         reserve = self.caps.total + counter.per_message
-        trim = trim_history(messages, counter, budget.available, reserve=reserve, slack=slack)
+        trim = trim_history(messages, counter, available, reserve=reserve, slack=slack)
 
         style_on = mem.style_sample and scope.settings.get("style") is not False
         context_task = asyncio.ensure_future(
@@ -198,7 +202,7 @@ class Remember:
             user,
             scene,
             counter,
-            budget.available,
+            available,
             slack,
         )
         sent = place_block(
@@ -238,7 +242,7 @@ class Remember:
             alignment,
             window.tokens,
             window.source,
-            budget.available,
+            available,
             trim,
             block,
             original_tokens,
@@ -259,6 +263,7 @@ class Remember:
             user=user,
             log=log_entry,
             background=background,
+            calibration=(calibration, sent_tokens),
         )
 
     async def _recall(
@@ -427,6 +432,7 @@ class Remember:
 
     async def record(self, plan: RememberPlan, reply: ReplyAccumulator, partial: bool) -> None:
         """Step 9: store the turn (and the request log). Never raises."""
+        self._calibrate(plan, reply, partial)
         if plan.scope_id is None or (not plan.remember and plan.log is None):
             return
         message = reply.message() if (reply.content or reply.tool_calls) else None
@@ -468,6 +474,22 @@ class Remember:
         if result.memories or result.jobs:
             self.worker.wake()
 
+    def _calibrate(self, plan: RememberPlan, reply: ReplyAccumulator, partial: bool) -> None:
+        """Learn how the upstream counts tokens from the prompt_tokens it reports."""
+        usage = reply.usage or {}
+        actual = usage.get("prompt_tokens")
+        if plan.calibration is None or partial or not isinstance(actual, int) or actual <= 0:
+            return
+        key, estimate = plan.calibration
+        if estimate <= 0:
+            return
+        observed = actual / estimate
+        old = self._token_ratio.get(key)
+        ratio = observed if old is None else 0.7 * old + 0.3 * observed
+        # Never below our own count (an upstream may cache or not count the template),
+        # never absurdly above it (a broken usage report).
+        self._token_ratio[key] = min(max(ratio, 1.0), 3.0)
+
 
 @dataclass
 class RememberPlan:
@@ -486,6 +508,7 @@ class RememberPlan:
     log: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     background: TurnJobs | None = None
+    calibration: tuple[tuple[str, str | None], int] | None = None  # key, our estimate
 
     async def record(self, reply: ReplyAccumulator, *, partial: bool) -> None:
         """Store the turn once the reply is known. Never raises."""
