@@ -424,12 +424,12 @@ def first_byte(
     started = time.perf_counter()
     with client.stream("POST", url, json=body, headers=headers, timeout=120) as response:
         response.raise_for_status()
+        elapsed = None
         for _ in response.iter_raw():
-            elapsed = time.perf_counter() - started
-            break
-        else:
+            if elapsed is None:
+                elapsed = time.perf_counter() - started
+        if elapsed is None:
             raise RuntimeError("empty response")
-        response.read()
     return elapsed
 
 
@@ -518,7 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prepare_tiktoken_cache(RESULTS / "tiktoken")
     counter = TokenCounter(encoding_for_model(CHAT_MODEL))
 
-    db = Path(args.db) if args.db else RESULTS / f"recall-{args.model}.db"
+    db = Path(args.db).resolve() if args.db else RESULTS / f"recall-{args.model}.db"
     if not args.keep_db:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)

@@ -211,7 +211,12 @@ class RecallSettings(_Section):
         le=1000,
         description="Candidates taken from each of vector and keyword search.",
     )
-    limit: int = Field(default=16, ge=0, le=200, description="Most memories injected.")
+    limit: int = Field(
+        default=40,
+        ge=0,
+        le=200,
+        description="Most memories injected (the memories cap binds first).",
+    )
     similarity: float = Field(default=1.0, ge=0, description="Weight of vector similarity.")
     keyword: float = Field(default=0.5, ge=0, description="Weight of keyword (BM25) evidence.")
     recency: float = Field(default=0.15, ge=0, description="Weight of recency.")

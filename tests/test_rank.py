@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from proxy.memory.rank import Candidate, Weights, rank
 
 DAY = 86_400.0
@@ -197,10 +199,20 @@ def test_a_span_of_time_favours_memories_inside_it():
     assert ids(off) == [3, 1] and "time" not in off[0].components
 
 
+def test_longer_memories_must_be_worth_more():
+    short = cand(1, vector_sim=0.5, text="I adopted a cat named Biscuit.")
+    long = cand(2, vector_sim=0.6, text="word " * 240)  # 1,200 characters
+    assert ids(ranked([short, long], weights=Weights(length_norm=0.0))) == [2, 1]
+    results = ranked([short, long], weights=Weights(length_norm=0.75))
+    assert ids(results) == [1, 2]
+    unscaled = ranked([long], weights=Weights(length_norm=0.0))[0].score
+    assert results[1].score == pytest.approx(unscaled * (300 / 1200) ** 0.75)
+
+
 def test_context_similarity_lifts_a_turn_next_to_a_strong_match():
     weak = cand(1, vector_sim=0.4, context_sim=0.9)
     plain = cand(2, vector_sim=0.45)
-    assert ids(ranked([weak, plain])) == [2, 1]  # context off by default
+    assert ids(ranked([weak, plain], weights=Weights(context=0.0))) == [2, 1]
     results = ranked([weak, plain], weights=Weights(context=0.3))
     assert ids(results) == [1, 2]
     assert results[0].components["context"] == 0.9

@@ -54,10 +54,11 @@ class Weights:
     # Weight of lying in the span of time the query names ("last Saturday"), if any.
     time: float = 0.3
     # Weight of the best similarity among a candidate's neighbouring turns.
-    context: float = 0.0
+    context: float = 0.3
     # A memory longer than `length_ref` characters costs more of the block: its score
-    # is scaled by (length_ref / length) ** length_norm (0: length plays no part).
-    length_norm: float = 0.0
+    # is scaled by (length_ref / length) ** length_norm (0: length plays no part;
+    # 1: value per character). See docs/recall.md for the measurements.
+    length_norm: float = 0.75
     length_ref: int = 300
 
 

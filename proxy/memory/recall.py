@@ -24,6 +24,8 @@ from proxy.messages import message_text
 
 # Most memories of a span of time re-scored exactly for its candidates.
 SPAN_SCAN = 5000
+# Neighbouring turns are fetched around this many of the best candidates of each search.
+CONTEXT_SEEDS = 20
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,10 @@ def find_candidates(
     Every candidate gets its exact similarity to the query, also those found only by
     keyword. With a `span` of time the query names, the `k` memories of that span
     most similar to the query join (the scope-wide search may rank them out). With
-    `context`, the turns next to each candidate (the other pieces of its message and
-    the messages just before and after it in its chat) join too, and each candidate
-    carries the best similarity among its neighbours (`Candidate.context_sim`).
+    `context`, the turns next to the best candidates (the other pieces of their
+    message and the messages just before and after it in its chat) join too, and
+    each of them carries the best similarity among its neighbours
+    (`Candidate.context_sim`).
 
     Pinned memories are left out: they are always shown, as notes.
     """
@@ -126,7 +129,10 @@ def find_candidates(
     ids = list(dict.fromkeys([*sims, *ranks]))
     adjacent: dict[int, list[int]] = {}
     if context and ids:
-        adjacent = _adjacent(conn, scope_id, ids)
+        # Around the best of each search only: the others seldom reach the block.
+        seeds = sorted(sims, key=lambda m: -sims[m])[:CONTEXT_SEEDS]
+        seeds += sorted(ranks, key=lambda m: ranks[m])[:CONTEXT_SEEDS]
+        adjacent = _adjacent(conn, scope_id, list(dict.fromkeys(seeds)))
         ids = list(dict.fromkeys([*ids, *(n for ns in adjacent.values() for n in ns)]))
         for memory_id, others in list(adjacent.items()):  # a neighbour's neighbour is it
             for other in others:
