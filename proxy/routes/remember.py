@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -315,7 +315,10 @@ class Remember:
             char=char or "the character",
             user=user or "the user",
         )
-        block = build_block(inp, counter, self.templates, self.caps)
+        # The block gets at most the room the kept history leaves in the budget.
+        room = max(0, available - trim.tokens - counter.per_message)
+        caps = self.caps if room >= self.caps.total else replace(self.caps, total=room)
+        block = build_block(inp, counter, self.templates, caps)
         reserve = block.tokens + counter.per_message if block.text else 0
         if not trim.dropped:
             return block, trim
@@ -336,7 +339,7 @@ class Remember:
                 char=inp.char,
                 user=inp.user,
             )
-            block = build_block(inp, counter, self.templates, self.caps)
+            block = build_block(inp, counter, self.templates, caps)
         return block if block.text else EMPTY_BLOCK, wider
 
     def _log_entry(
