@@ -92,9 +92,8 @@ def test_run_server_raises_a_lifespan_shutdown_error_on_exit() -> None:
 def test_openai_client_gets_a_full_completion_and_the_key_is_recorded() -> None:
     with FakeUpstream() as up:
         up.enqueue(Reply("Nice to meet you."))
-        answer = client_for(up, key="sk-user-key").chat.completions.create(
-            model="my-model", messages=USER
-        )
+        with client_for(up, key="sk-user-key") as client:
+            answer = client.chat.completions.create(model="my-model", messages=USER)
         assert answer.choices[0].message.content == "Nice to meet you."
         assert answer.choices[0].message.role == "assistant"
         assert answer.choices[0].finish_reason == "stop"
@@ -109,10 +108,11 @@ def test_openai_client_gets_a_full_completion_and_the_key_is_recorded() -> None:
 def test_openai_client_streams_pieces_and_a_usage_chunk() -> None:
     with FakeUpstream() as up:
         up.enqueue(Reply("One two three."))
-        stream = client_for(up).chat.completions.create(
-            model="m", messages=USER, stream=True, stream_options={"include_usage": True}
-        )
-        chunks = list(stream)
+        with client_for(up) as client:
+            stream = client.chat.completions.create(
+                model="m", messages=USER, stream=True, stream_options={"include_usage": True}
+            )
+            chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "One two three."
@@ -172,9 +172,9 @@ def test_tool_calls_stream_as_deltas_the_openai_client_can_reassemble() -> None:
     call = {"id": "call_1", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
     with FakeUpstream() as up:
         up.enqueue(Reply("", tool_calls=[call]), Reply("", tool_calls=[call]))
-        client = client_for(up)
-        whole = client.chat.completions.create(model="m", messages=USER)
-        stream = list(client.chat.completions.create(model="m", messages=USER, stream=True))
+        with client_for(up) as client:
+            whole = client.chat.completions.create(model="m", messages=USER)
+            stream = list(client.chat.completions.create(model="m", messages=USER, stream=True))
     message = whole.choices[0].message
     assert message.content is None
     assert message.tool_calls is not None
@@ -250,8 +250,8 @@ def test_invalid_sse_breaks_the_openai_client() -> None:
         with pytest.raises(json.JSONDecodeError):
             chat(up).json()
         up.enqueue(Reply("a b", invalid_sse=True))
-        with pytest.raises(json.JSONDecodeError):
-            list(client_for(up).chat.completions.create(model="m", messages=USER, stream=True))
+        with client_for(up) as client, pytest.raises(json.JSONDecodeError):
+            list(client.chat.completions.create(model="m", messages=USER, stream=True))
 
 
 def test_client_leaving_mid_stream_is_seen_at_once_while_the_fake_sleeps() -> None:
@@ -309,8 +309,8 @@ def test_closing_with_a_request_still_hanging_is_quick() -> None:
 def test_status_errors_reach_the_client_in_openais_envelope() -> None:
     with FakeUpstream() as up:
         up.enqueue(Reply(status=429, headers={"retry-after": "1"}))
-        with pytest.raises(openai.RateLimitError) as caught:
-            client_for(up).chat.completions.create(model="m", messages=USER)
+        with client_for(up) as client, pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model="m", messages=USER)
         assert caught.value.response.headers["retry-after"] == "1"
         up.enqueue(Reply(status=500, error_body={"error": {"message": "model crashed"}}))
         response = chat(up, stream=True)  # an error is JSON even when a stream was asked for
@@ -323,8 +323,7 @@ def test_status_errors_reach_the_client_in_openais_envelope() -> None:
 
 
 def test_models_embeddings_and_legacy_completions() -> None:
-    with FakeUpstream(models=["alpha", "beta"]) as up:
-        client = client_for(up)
+    with FakeUpstream(models=["alpha", "beta"]) as up, client_for(up) as client:
         assert [m.id for m in client.models.list()] == ["alpha", "beta"]
         httpx.get(up.base_url + "/models?verbose=1", headers={"X-Memory-Scope": "s1"})
         assert up.requests[-1].query == "verbose=1"

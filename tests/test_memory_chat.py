@@ -240,6 +240,36 @@ def test_memory_fails_open_when_embeddings_are_unavailable(
     assert "heliotrope" in (memory_block(llama.last["messages"]) or "")
 
 
+def test_requests_pass_through_while_the_embedder_warms_up_then_recall_uses_it(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    with FakeUpstream() as embedder:
+        embedder.embeddings_open.clear()  # the embedding model is still loading
+        proxy = memory_proxy(
+            make_proxy,
+            llama,
+            tmp_path,
+            upstreams={"local": {"base_url": llama}, "emb": {"base_url": embedder}},
+            embeddings={"backend": "upstream", "upstream": "emb", "model": "x"},
+            server={"default_upstream": "local"},
+        )
+        history = play(proxy, llama, ["The lighthouse keeper is called Ana."])
+        history.append(("user", "Who keeps the lighthouse?"))
+        response = chat(proxy, st_body(history), {"X-Memory-Write": "off"})
+        assert response.headers["x-memory-error"] == "warming up"
+        assert llama.last["messages"][-1]["content"] == "Who keeps the lighthouse?"
+
+        embedder.embeddings_open.set()
+
+        def warmed() -> bool:
+            answer = chat(proxy, st_body(history), {"X-Memory-Write": "off"})
+            return "x-memory-error" not in answer.headers
+
+        wait_until(warmed, 30, "the embedder to start")
+        stored = [r for r in embedder.requests if r.path == "/v1/embeddings"]
+        assert any("Ana" in json.dumps(r.json) for r in stored)  # the turn got embedded
+
+
 def test_stream_cut_by_the_client_stores_what_was_received_as_partial(
     llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:

@@ -15,7 +15,7 @@ from tests.memory_helpers import filler, memory_block, st_body, wait_until
 pytestmark = pytest.mark.model
 
 
-def test_warming_up_then_semantic_recall(make_proxy: MakeProxy, tmp_path: Path) -> None:
+def test_answers_at_once_then_semantic_recall(make_proxy: MakeProxy, tmp_path: Path) -> None:
     with FakeUpstream(flavor="llamacpp", context_window=2048) as up:
         proxy = make_proxy(
             {"local": up}, memory={"enabled": True, "database": str(tmp_path / "memory.db")}
@@ -24,7 +24,6 @@ def test_warming_up_then_semantic_recall(make_proxy: MakeProxy, tmp_path: Path) 
         turns = [filler(i) for i in range(60)]
         turns[4] = "My sister Ana keeps the lighthouse out on Vessel Rock."
         history: list[tuple[str, str]] = []
-        first = None
         for text in turns:
             history.append(("user", text))
             up.enqueue(Reply(text="Mira nods."))
@@ -32,10 +31,9 @@ def test_warming_up_then_semantic_recall(make_proxy: MakeProxy, tmp_path: Path) 
                 f"{proxy.url}/v1/chat/completions", json=st_body(history), headers=headers
             )
             assert response.status_code == 200
-            first = first or response.headers.get("x-memory-error")
             history.append(("assistant", "Mira nods."))
-        # The proxy answered at once while the model was still loading.
-        assert first == "warming up"
+        # Whether the model was still loading or not, every turn was answered (warming
+        # up itself is shown deterministically in test_memory_chat).
 
         question = "Which coastal building does my sibling look after?"  # no shared words
         history.append(("user", question))

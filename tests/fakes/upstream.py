@@ -105,9 +105,11 @@ class FakeUpstream:
     endpoints exist ("openai": none; "llamacpp": /props, /health; "ollama": /api/show,
     /api/tags, /api/version, /; "lmstudio": /api/v0/models, /api/v1/models), each
     reporting `context_window`; the others answer 404. `models`, `embedding_dim` and
-    `architecture` (Ollama's) may be changed while it runs. A client that goes away
-    before the answer is fully written is appended to `disconnects` and sets the
-    `disconnected` event. `record=False` keeps no requests (long benchmarks).
+    `architecture` (Ollama's) may be changed while it runs; `/v1/embeddings` answers only
+    while `embeddings_open` is set (clear it to stand for a model still loading). A
+    client that goes away before the answer is fully written is appended to
+    `disconnects` and sets the `disconnected` event. `record=False` keeps no requests
+    (long benchmarks).
     """
 
     def __init__(
@@ -127,6 +129,8 @@ class FakeUpstream:
         self.models = list(models or ["fake-model"])
         self.architecture = "llama"  # Ollama's general.architecture
         self.embedding_dim = 16
+        self.embeddings_open = threading.Event()
+        self.embeddings_open.set()
         self.default = Reply()
         self.responder: Callable[[Any], Reply | str] | None = None
         self.disconnected = threading.Event()
@@ -438,6 +442,8 @@ class FakeUpstream:
     # -- other endpoints -----------------------------------------------------------------
 
     async def _embeddings(self, request: RecordedRequest, receive: Receive, send: Send) -> None:
+        while not self.embeddings_open.is_set():  # polled: a cancelled wait must not hang
+            await asyncio.sleep(0.01)
         body = request.json
         if not isinstance(body, dict) or "input" not in body:
             await _send_json(send, 400, _error("the body must be JSON with an 'input'", 400))
