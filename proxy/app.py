@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -261,7 +261,12 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 class CountRequests:
-    """Counts answered requests by route and status for /metrics."""
+    """Counts answered requests by route and status for /metrics.
+
+    It sees every message of every response, so it is kept cheap: the wrapper is a
+    plain function that returns `send`'s own awaitable (no coroutine of its own per
+    message) and stops looking once it has the status.
+    """
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -272,11 +277,11 @@ class CountRequests:
             return
         status = 0
 
-        async def send_wrapper(message: Message) -> None:
+        def send_wrapper(message: Message) -> Awaitable[None]:
             nonlocal status
-            if message["type"] == "http.response.start":
+            if not status and message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)

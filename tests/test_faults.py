@@ -3,6 +3,7 @@ and the proxy keeps serving the next request."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
 import time
@@ -278,3 +279,41 @@ def test_unknown_path_is_an_enveloped_404(upstream: FakeUpstream, make_proxy: Ma
     wrong_method = httpx.put(f"{proxy.url}/healthz")
     assert wrong_method.status_code == 405
     error_of(wrong_method)
+
+
+def test_read_timeout_is_the_longest_silence_not_the_whole_answer(
+    upstream: FakeUpstream, make_proxy: MakeProxy
+) -> None:
+    upstream.enqueue(Reply(text="one two three four five", delay_between=0.25))
+    proxy = make_proxy({"local": {"base_url": upstream, "read_timeout": 0.6}})
+    started = time.monotonic()
+    events = _sse_events(post(proxy, {**CHAT, "stream": True}).text)
+    assert time.monotonic() - started >= 1.0  # longer than the timeout, in small gaps
+    assert events[-1] == "data: [DONE]"
+    assert not any('"error"' in e for e in events)
+    upstream.enqueue(Reply(text="one two", delay_between=1.5))
+    events = _sse_events(post(proxy, {**CHAT, "stream": True}).text)
+    error = json.loads(events[-2][len("data: ") :])["error"]
+    assert error["code"] == "upstream_timeout" and "waiting for data" in error["message"]
+    still_serves(proxy, upstream)
+
+
+def test_waiting_for_a_connection_past_connect_timeout_is_504(
+    upstream: FakeUpstream, make_proxy: MakeProxy
+) -> None:
+    upstream.enqueue(Reply(hang=True))  # holds the only connection
+    proxy = make_proxy(
+        {"local": {"base_url": upstream, "max_connections": 1, "connect_timeout": 0.5}}
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        hung = executor.submit(post, proxy, CHAT, httpx.Timeout(5, read=2.0))
+        upstream.wait_for_chat_requests(1)
+        started = time.monotonic()
+        response = post(proxy, CHAT)
+        assert time.monotonic() - started < 1.5
+        with pytest.raises(httpx.ReadTimeout):
+            hung.result()
+    assert response.status_code == 504
+    error = error_of(response)
+    assert error["code"] == "upstream_timeout" and "connecting (limit 0.5 s)" in error["message"]
+    still_serves(proxy, upstream)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 
 import httpx
+import pytest
 
+from proxy.upstreams.sse import EventSplitter, InvalidSSE
 from tests.conftest import MakeClient, MakeProxy
+from tests.fakes.servers import run_server
 from tests.fakes.upstream import FakeUpstream, Reply
 
 ST_BODY = {
@@ -186,3 +190,105 @@ def test_n_greater_than_one_and_tool_calls_pass_through(
         model="fake-model", messages=[{"role": "user", "content": "x"}], n=3
     )
     assert len(many.choices) == 3
+
+
+# -- the SSE splitter: events checked, parsed only when someone needs them -------------
+
+CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}'
+STREAMS = [
+    CHUNK + b"\n\n" + CHUNK + b"\n\ndata: [DONE]\n\n",  # the usual shape
+    (CHUNK + b"\r\n\r\n") * 2 + b"data: [DONE]\r\n\r\n",  # CRLF line endings
+    b": keep-alive\n\nevent: delta\nid: 7\nretry: 100\n" + CHUNK + b"\n\n",  # other fields
+    b'data: {"a":\ndata: 1}\n\n' + CHUNK + b"\n\n",  # data over two lines
+    b"\n\n" + CHUNK + b"\n\n\n\n" + CHUNK + b"\n\n",  # extra blank lines
+    b'data: {"c": "[DONE]"}\n\n' + CHUNK + b"\n\n",  # [DONE] in content is content
+    b"data: [DONE]\n\n" + CHUNK + b"\n\n",  # an early [DONE] is dropped, not the end
+    CHUNK + b"\n\n" + CHUNK,  # the last event without its blank line
+]
+
+
+def _splits(stream: bytes) -> list[list[bytes]]:
+    """The stream whole, byte by byte, and cut in two at every position."""
+    cuts = [[stream], [stream[i : i + 1] for i in range(len(stream))]]
+    return cuts + [[stream[:i], stream[i:]] for i in range(1, len(stream))]
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+def test_feed_bytes_gives_what_feed_gives_without_parsing(stream: bytes) -> None:
+    for pieces in _splits(stream):
+        parsed, raw = EventSplitter(), EventSplitter()
+        events = [e for piece in pieces for e in parsed.feed(piece)] + parsed.finish()
+        expected = b"".join(e.raw for e in events if not e.done)
+        got = b"".join(raw.feed_bytes(piece) for piece in pieces)
+        got += b"".join(e.raw for e in raw.finish(parse_data=False) if not e.done)
+        assert got == expected, pieces
+    assert b"[DONE]\n" not in expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"%%% not server-sent events %%%\n\n",
+        CHUNK + b"\nnot a field\n\n",
+        CHUNK + b"\n\ndatax: 1\n\n",
+        b"<html>\n\n",
+    ],
+)
+def test_feed_bytes_refuses_lines_that_are_not_sse(bad: bytes) -> None:
+    for pieces in _splits(CHUNK + b"\n\n" + bad):
+        splitter = EventSplitter()
+        with pytest.raises(InvalidSSE):
+            for piece in pieces:
+                splitter.feed_bytes(piece)
+
+
+def test_stream_with_many_events_per_read_keeps_every_event_once(
+    upstream: FakeUpstream, make_proxy: MakeProxy
+) -> None:
+    # No delay: the events reach the proxy several to a read, and go on together.
+    upstream.enqueue(Reply(chunks=[f"w{i} " for i in range(200)]))
+    proxy = make_proxy({"local": upstream})
+    text = httpx.post(f"{proxy.url}/v1/chat/completions", json={**ST_BODY, "stream": True}).text
+    events = [e for e in text.split("\n\n") if e]
+    assert events.count("data: [DONE]") == 1 and events[-1] == "data: [DONE]"
+    pieces = [json.loads(e[6:])["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert "".join(p for p in pieces if p) == "".join(f"w{i} " for i in range(200))
+
+
+# -- compressed upstream answers are relayed decoded ------------------------------------
+
+
+async def _gzip_upstream(scope, receive, send) -> None:
+    """An upstream that gzips every answer (as some gateways do)."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    if scope["path"].endswith("/chat/completions"):
+        body = b"".join([CHUNK + b"\n\n"] * 3) + b"data: [DONE]\n\n"
+        kind = b"text/event-stream"
+    else:
+        body, kind = b'{"object": "list", "data": [{"id": "zipped"}]}', b"application/json"
+    packed = gzip.compress(body)
+    headers = [(b"content-type", kind), (b"content-encoding", b"gzip")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    half = len(packed) // 2
+    await send({"type": "http.response.body", "body": packed[:half], "more_body": True})
+    await send({"type": "http.response.body", "body": packed[half:]})
+
+
+def test_compressed_upstream_answers_are_relayed_decoded(make_proxy: MakeProxy) -> None:
+    with run_server(_gzip_upstream, lifespan="off") as gzipped:
+        proxy = make_proxy({"local": f"{gzipped.url}/v1"})
+        streamed = httpx.post(
+            f"{proxy.url}/v1/chat/completions",
+            json={**ST_BODY, "stream": True},
+            headers={"accept-encoding": "identity"},
+        )
+        passed = httpx.get(f"{proxy.url}/v1/files", headers={"accept-encoding": "identity"})
+        models = httpx.get(f"{proxy.url}/v1/models")
+    assert "content-encoding" not in streamed.headers
+    assert streamed.text == (CHUNK.decode() + "\n\n") * 3 + "data: [DONE]\n\n"
+    assert "content-encoding" not in passed.headers
+    assert passed.json()["data"] == [{"id": "zipped"}]
+    assert [m["id"] for m in models.json()["data"]] == ["zipped"]

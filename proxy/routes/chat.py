@@ -7,7 +7,6 @@ import logging
 import time
 from typing import Any
 
-import httpx
 from starlette.types import Receive, Scope, Send
 
 from proxy.errors import ProxyError, UpstreamError
@@ -19,11 +18,11 @@ from proxy.routes.http import (
     send_bytes,
     send_error,
 )
-from proxy.routes.plan import ChatPlan
+from proxy.routes.plan import ChatPlan, UnchangedPlan
 from proxy.routes.relay import pass_error, relay_sse, response_headers, run_until_disconnect
 from proxy.routes.state import AppState
 from proxy.routes.validation import validate_chat_body
-from proxy.upstreams.client import upstream_headers
+from proxy.upstreams.client import UpstreamResponse, upstream_headers
 from proxy.upstreams.registry import Upstream
 from proxy.upstreams.sse import ReplyAccumulator
 
@@ -91,7 +90,7 @@ class ChatCompletions:
         self,
         send: Send,
         receive: Receive,
-        response: httpx.Response,
+        response: UpstreamResponse,
         upstream: Upstream,
         body: dict[str, Any],
         plan: ChatPlan,
@@ -99,6 +98,9 @@ class ChatCompletions:
         if response.status_code >= 400:
             await pass_error(send, receive, response, upstream, plan.headers)
         elif body.get("stream") is True:
+            if isinstance(plan, UnchangedPlan):  # records nothing: no chunk is parsed
+                await relay_sse(send, receive, response, upstream, headers=plan.headers)
+                return
             reply = ReplyAccumulator()
             result = await relay_sse(
                 send,
@@ -118,7 +120,7 @@ class ChatCompletions:
         self,
         send: Send,
         receive: Receive,
-        response: httpx.Response,
+        response: UpstreamResponse,
         upstream: Upstream,
         plan: ChatPlan,
     ) -> None:
@@ -126,6 +128,9 @@ class ChatCompletions:
         try:
             content = await run_until_disconnect(receive, response.aread())
         except ClientGone:
+            return
+        except UpstreamError as exc:  # the body broke off or stalled
+            await send_error(send, exc, plan.headers)
             return
         reply = ReplyAccumulator()
         try:

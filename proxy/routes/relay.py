@@ -15,18 +15,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
 from starlette.types import Receive, Send
 
 from proxy.errors import ProxyError, UpstreamError, error_envelope, sse_error_event
 from proxy.routes.http import ClientGone, encode_headers, send_bytes
-from proxy.upstreams.client import translate_error
+from proxy.upstreams.client import UpstreamResponse
 from proxy.upstreams.registry import Upstream
-from proxy.upstreams.sse import DONE, EventSplitter, InvalidSSE
+from proxy.upstreams.sse import DONE, Event, EventSplitter, InvalidSSE
 
-# Upstream response headers that describe the upstream connection, not the content.
 T = TypeVar("T")
 
+# Upstream response headers that describe the upstream connection, not the content.
 _HOP_HEADERS = frozenset(
     {
         "connection",
@@ -50,7 +49,7 @@ class RelayResult:
     error: ProxyError | None = None  # the upstream failed mid-stream
 
 
-def response_headers(upstream: httpx.Response, extra: Mapping[str, str]) -> dict[str, str]:
+def response_headers(upstream: UpstreamResponse, extra: Mapping[str, str]) -> dict[str, str]:
     """The upstream's content headers plus ours (X-Memory-*)."""
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
     headers.update(extra)
@@ -60,7 +59,7 @@ def response_headers(upstream: httpx.Response, extra: Mapping[str, str]) -> dict
 async def relay_sse(
     send: Send,
     receive: Receive,
-    response: httpx.Response,
+    response: UpstreamResponse,
     upstream: Upstream,
     *,
     headers: Mapping[str, str],
@@ -69,10 +68,13 @@ async def relay_sse(
 ) -> RelayResult:
     """Relay an SSE chat stream event by event; the caller closes `response`.
 
-    Invalid SSE or a broken upstream becomes one `data: {"error": ...}` event and
-    `[DONE]`. `before_done` runs after the upstream's last event and before `[DONE]`
-    reaches the client (the memory write, so a client that saw `[DONE]` knows its
-    turn is stored).
+    The complete events of each upstream read go to the client at once, in one send.
+    `on_chunk` gets each event's parsed JSON data; without it nothing is parsed (the
+    lines are still checked). Invalid SSE or a broken upstream becomes one
+    `data: {"error": ...}` event and `[DONE]`; the upstream's own `[DONE]` is replaced
+    by ours, sent once at the end. `before_done` runs after the upstream's last event
+    and before `[DONE]` reaches the client (the memory write, so a client that saw
+    `[DONE]` knows its turn is stored).
     """
     out = response_headers(response, headers)
     out["content-type"] = "text/event-stream; charset=utf-8"
@@ -85,23 +87,21 @@ async def relay_sse(
         splitter = EventSplitter()
         try:
             async for chunk in response.aiter_bytes():
-                for event in splitter.feed(chunk):
-                    if event.done:
-                        continue  # we send our own [DONE] once everything is settled
-                    if on_chunk is not None and event.data is not None:
-                        on_chunk(event.data)
-                    await _body(send, event.raw)
-            for event in splitter.finish():
-                if not event.done:
-                    if on_chunk is not None and event.data is not None:
-                        on_chunk(event.data)
-                    await _body(send, event.raw)
+                if on_chunk is None:
+                    data = splitter.feed_bytes(chunk)
+                else:
+                    data = _handled(splitter.feed(chunk), on_chunk)
+                if data:
+                    await _body(send, data)
+            data = _handled(splitter.finish(parse_data=on_chunk is not None), on_chunk)
+            if data:
+                await _body(send, data)
         except InvalidSSE as exc:
             result.error = UpstreamError(
                 f"upstream {upstream.name!r} sent an invalid stream: {exc}"
             )
-        except httpx.HTTPError as exc:
-            result.error = translate_error(upstream, exc)
+        except UpstreamError as exc:  # the transport failed; the response named it
+            result.error = exc
         if result.error is not None:
             await _body(send, sse_error_event(result.error))
         else:
@@ -118,8 +118,19 @@ async def relay_sse(
     return result
 
 
+def _handled(events: list[Event], on_chunk: Callable[[Any], None] | None) -> bytes:
+    """The events' bytes, `[DONE]` left out (ours comes at the end), each event's data
+    given to `on_chunk` first."""
+    kept = [e for e in events if not e.done]
+    if on_chunk is not None:
+        for event in kept:
+            if event.data is not None:
+                on_chunk(event.data)
+    return b"".join(e.raw for e in kept)
+
+
 async def relay_bytes(
-    send: Send, receive: Receive, response: httpx.Response, *, headers: Mapping[str, str]
+    send: Send, receive: Receive, response: UpstreamResponse, *, headers: Mapping[str, str]
 ) -> RelayResult:
     """Relay any response body unchanged, chunk by chunk; the caller closes `response`."""
     out = response_headers(response, headers)
@@ -136,9 +147,9 @@ async def relay_bytes(
         try:
             async for chunk in response.aiter_bytes():
                 await _body(send, chunk)
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             # Headers are gone already; all we can do is end the body early.
-            result.error = UpstreamError(f"upstream failed mid-response: {exc}")
+            result.error = exc
         else:
             result.completed = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -189,7 +200,7 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 async def pass_error(
     send: Send,
     receive: Receive,
-    response: httpx.Response,
+    response: UpstreamResponse,
     upstream: Upstream,
     extra: dict[str, str],
 ) -> None:
@@ -198,6 +209,9 @@ async def pass_error(
     try:
         content = await run_until_disconnect(receive, response.aread())
     except ClientGone:
+        return
+    except UpstreamError as exc:  # the body broke off: say so instead
+        await send_bytes(send, exc.status, json.dumps(exc.envelope()).encode(), headers=extra)
         return
     if upstream.api_key:
         content = content.replace(upstream.api_key.encode(), b"***")

@@ -99,7 +99,7 @@ async def context_window(
     for probe in (_from_model_list, _from_llamacpp, _from_lmstudio, _from_ollama):
         try:
             found = await probe(pool, upstream, model, timeout)
-        except (ProxyError, httpx.HTTPError, ValueError, KeyError, TypeError):
+        except (ProxyError, ValueError, KeyError, TypeError):
             continue
         if found:
             return found

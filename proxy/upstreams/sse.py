@@ -8,6 +8,7 @@ and a broken stream is caught at an event boundary instead of half-way through o
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +31,18 @@ class Event:
 
 _FIELDS = (b"data", b"event", b"id", b"retry")
 
+# A line (after its newline) that is neither empty, a comment, nor one of the fields
+# above. Searched for in b"\n" + events: a leading literal keeps the search fast.
+_BAD_LINE = re.compile(rb"\n(?!(?:data|event|id|retry)(?::|\n)|:|\n|\Z)")
+
 
 class EventSplitter:
-    """Incremental parser: feed bytes as they arrive, get complete events back."""
+    """Incremental parser: feed bytes as they arrive, get complete events back.
+
+    `feed` gives each event with its JSON data parsed (for whoever records the reply);
+    `feed_bytes` gives only the bytes of the complete events, checked line by line but
+    not parsed, which is all a relay that records nothing needs.
+    """
 
     def __init__(self, max_event_bytes: int = 16 * 1024 * 1024):
         self._buffer = b""
@@ -40,32 +50,67 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Add bytes; return the events completed by them (raises InvalidSSE)."""
-        buffer = self._buffer + chunk
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        events = []
-        start = 0
-        while True:
-            end = buffer.find(b"\n\n", start)
-            if end < 0:
-                break
-            block = buffer[start:end]
-            start = end + 2
-            if block.strip():
-                events.append(parse_event(block))
-        self._buffer = buffer[start:]
-        if len(self._buffer) > self._max:
-            raise InvalidSSE(f"an SSE event exceeded {self._max} bytes without ending")
-        return events
+        return [parse_event(block) for block in self._complete_blocks(self._take(chunk))]
 
-    def finish(self) -> list[Event]:
+    def feed_bytes(self, chunk: bytes) -> bytes:
+        """Add bytes; return the complete events among them as bytes, `[DONE]` left out.
+
+        Every line is checked (raises InvalidSSE), event data is not parsed. The
+        bytes are what `feed` would give as the events' `raw`, joined.
+        """
+        complete = self._take(chunk)
+        if not complete:
+            return b""
+        events = complete
+        if events.endswith(DONE) and (events == DONE or events.endswith(b"\n\n" + DONE)):
+            events = events[: -len(DONE)]  # the usual ending, dropped without parsing
+        if (
+            _BAD_LINE.search(b"\n" + complete) is None
+            and b"[DONE]" not in events
+            and b"\n\n\n" not in events
+            and not events.startswith(b"\n")
+        ):
+            return events  # the usual case: well-formed events, nothing (else) to drop
+        kept = []
+        for block in self._complete_blocks(complete):
+            event = parse_event(block, parse_data=False)
+            if not event.done:
+                kept.append(event.raw)
+        return b"".join(kept)
+
+    def finish(self, *, parse_data: bool = True) -> list[Event]:
         """Events left at the end of the stream (a last event without its blank line)."""
         rest, self._buffer = self._buffer, b""
-        return [parse_event(rest.rstrip(b"\n"))] if rest.strip() else []
+        if not rest.strip():
+            return []
+        return [parse_event(rest.rstrip(b"\n"), parse_data=parse_data)]
+
+    def _take(self, chunk: bytes) -> bytes:
+        """Add `chunk`; return the buffered bytes up to the last event's end (b"" if none)
+        and keep the rest."""
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            complete, self._buffer = b"", buffer
+        else:
+            complete, self._buffer = buffer[: end + 2], buffer[end + 2 :]
+        if len(self._buffer) > self._max:
+            raise InvalidSSE(f"an SSE event exceeded {self._max} bytes without ending")
+        return complete
+
+    @staticmethod
+    def _complete_blocks(complete: bytes) -> list[bytes]:
+        """The non-blank event blocks (without their blank line) in complete events."""
+        return [block for block in complete.split(b"\n\n") if block.strip()]
 
 
-def parse_event(block: bytes) -> Event:
-    """Parse one event block (lines without the trailing blank line)."""
+def parse_event(block: bytes, *, parse_data: bool = True) -> Event:
+    """Parse one event block (lines without the trailing blank line).
+
+    With `parse_data` false the lines are checked but the JSON data is not parsed
+    (`data` stays None); `[DONE]` is still recognised."""
     data_lines: list[bytes] = []
     for line in block.split(b"\n"):
         if not line or line.startswith(b":"):
@@ -81,6 +126,8 @@ def parse_event(block: bytes) -> Event:
     payload = b"\n".join(data_lines)
     if payload.strip() == b"[DONE]":
         return Event(raw, done=True)
+    if not parse_data:
+        return Event(raw)
     try:
         return Event(raw, json.loads(payload))
     except ValueError as exc:
