@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cachetools
 
@@ -45,6 +45,9 @@ from proxy.style.sample import sample_to_show
 from proxy.upstreams.registry import Route
 from proxy.upstreams.sse import ReplyAccumulator
 from proxy.upstreams.windows import ContextWindows
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("mnemoproxy.memory")
 
@@ -156,7 +159,10 @@ class Remember:
         request_id: str,
     ) -> RememberPlan:
         messages: list[dict[str, Any]] = body["messages"]
+        timings: dict[str, float] = {}  # each step's ms, for the request log
+        lap = _Laps(timings)
         scope = await self._scope(identity.owner, ref, now)
+        lap("scope_ms")
         headers = {"x-memory-scope": ref.name, "x-memory-request-id": request_id}
         if scope.settings.get("enabled") is False:
             return RememberPlan(self, None, headers, None, request_id, now, remember=False)
@@ -164,9 +170,13 @@ class Remember:
         scene = scope.settings.get("scene") or {}
         char = scene.get("char_name") or names.char
         user = scene.get("user_name") or names.user
+        query = query_text(messages)
+        # The query embedding (its own thread) overlaps the transcript read and trimming.
+        embedding = self._embed_query_soon(query)
 
         transcript = await self._transcript(scope.id)
         alignment = align(messages, transcript, max_blind_undo=self.settings.memory.max_blind_undo)
+        lap("transcript_ms")
 
         mem = self.settings.memory
         window = await self.windows.get(route.upstream, route.model)
@@ -179,18 +189,21 @@ class Remember:
         slack = int(available * mem.trim_slack)
         reserve = self.caps.total + counter.per_message
         trim = trim_history(messages, counter, available, reserve=reserve, slack=slack)
+        lap("budget_ms")
 
         style_on = mem.style_sample and scope.settings.get("style") is not False
         context_task = asyncio.ensure_future(
             self.store.read(scope_context, scope.id, style=style_on)
         )
-        query = query_text(messages)
         errors: list[str] = []
         recalled: list[Recalled] = []
         try:
-            recalled = await self._recall(scope.id, query, alignment, trim, now, errors)
+            recalled = await self._recall(
+                scope.id, query, embedding, alignment, trim, now, errors, lap
+            )
         finally:
             context = await context_task
+        lap("recall_ms")
 
         block, trim = self._compose(
             messages,
@@ -211,6 +224,7 @@ class Remember:
             depth=mem.block_depth,
             merge_into_system=mem.merge_into_system,
         )
+        lap("compose_ms")
         original_tokens = counter.count_messages(messages)
         sent_tokens = trim.tokens + (block.tokens + counter.per_message if block.text else 0)
         headers.update(
@@ -262,26 +276,42 @@ class Remember:
             char=char,
             user=user,
             log=log_entry,
+            timings=timings,
             background=background,
             calibration=(calibration, sent_tokens),
         )
+
+    def _embed_query_soon(self, query: str) -> asyncio.Future[np.ndarray] | None:
+        """Start embedding the query, when recall will need it and the model is ready.
+
+        If the request fails before recall awaits it, the task still ends on its own
+        (its vector lands in the cache) and its outcome is retrieved, never leaked.
+        """
+        if self.settings.recall.limit == 0 or not query.strip() or not self.embedder.ready:
+            return None
+        task = asyncio.ensure_future(self.embedder.embed_query(query))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
 
     async def _recall(
         self,
         scope_id: int,
         query: str,
+        embedding: asyncio.Future[np.ndarray] | None,
         alignment: Alignment,
         trim: Trim,
         now: float,
         errors: list[str],
+        lap: _Laps,
     ) -> list[Recalled]:
         """Ranked memories for the last user message, minus what the window still shows."""
         rec = self.settings.recall
         if rec.limit == 0 or not query.strip():
             return []
         vector = None
-        if self.embedder.ready:
-            vector = await self.embedder.embed_query(query)
+        if embedding is not None:
+            vector = await embedding
+            lap("embed_wait_ms")
         else:  # keyword search still works meanwhile
             errors.append(self.embedder_error or "warming up")
         in_window = {sid for index, sid in alignment.matched if index in set(trim.kept)}
@@ -552,3 +582,16 @@ def parse_now(value: str | None) -> float:
 
 def _header_safe(text: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:300]
+
+
+class _Laps:
+    """Records the milliseconds since the previous lap under each name."""
+
+    def __init__(self, into: dict[str, float]):
+        self._into = into
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self._into[name] = round((now - self._last) * 1000, 3)
+        self._last = now
