@@ -8,6 +8,7 @@ from typing import Any
 from proxy.memory.transcript import (
     Alignment,
     StoredMessage,
+    TranscriptIndex,
     align,
     conversation_indices,
     message_fingerprint,
@@ -476,3 +477,21 @@ def test_align_is_fast_on_a_long_transcript() -> None:
     assert result.kind == "head_trimmed"
     assert result.new == (len(messages) - 1,)
     assert len(result.matched) == 39
+
+
+def test_an_index_built_once_serves_every_request_unchanged() -> None:
+    store = Store()
+    history = chat_of(store, 30)
+    index = TranscriptIndex(store.stored())
+    positions = {fp: list(p) for fp, p in index.positions.items()}
+    requests = [
+        st_request([*history, ("user", "And then?")]),  # continuation
+        st_request(history[:-1]),  # swipe of the last reply
+        st_request([*history[:10], ("user", "Wait, let me rephrase.")]),  # edit far back
+        st_request([("user", "message 1 from Alex")]),  # a new chat, same first line
+        st_request(history[-20:], greeting=None),  # head trimmed by the app
+    ]
+    for messages in requests:
+        assert align(messages, index) == align(messages, store.stored())
+    # Aligning looks things up and never adds to them (the index is shared).
+    assert {fp: list(p) for fp, p in index.positions.items()} == positions

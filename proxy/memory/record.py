@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.memory import jobs, records
 from proxy.memory.db import Connection
-from proxy.memory.transcript import StoredMessage, align, message_fingerprint
+from proxy.memory.transcript import StoredMessage, TranscriptIndex, align, message_fingerprint
 from proxy.messages import message_text
 from proxy.style.sample import capture_style, drop_undone_style
 
@@ -57,7 +57,8 @@ class Recorded:
     retracted: tuple[int, ...] = ()
     memories: tuple[int, ...] = ()
     jobs: tuple[int, ...] = ()  # background LLM jobs queued
-    transcript: tuple[StoredMessage, ...] | None = field(default=None, repr=False)
+    # The transcript after the turn, indexed here on the writer's thread, not the loop's.
+    transcript: TranscriptIndex | None = field(default=None, repr=False)
 
 
 def record_turn(conn: Connection, turn: Turn) -> Recorded:
@@ -72,9 +73,15 @@ def record_turn(conn: Connection, turn: Turn) -> Recorded:
     return result
 
 
+def transcript_index(conn: Connection, scope_id: int) -> TranscriptIndex:
+    """The scope's active transcript, indexed for `align`."""
+    return TranscriptIndex([StoredMessage(*e) for e in records.active_transcript(conn, scope_id)])
+
+
 def _remember(conn: Connection, turn: Turn) -> Recorded:
-    stored = [StoredMessage(*entry) for entry in records.active_transcript(conn, turn.scope_id)]
-    alignment = align(list(turn.messages), stored, max_blind_undo=turn.max_blind_undo)
+    index = transcript_index(conn, turn.scope_id)
+    stored = index.stored
+    alignment = align(list(turn.messages), index, max_blind_undo=turn.max_blind_undo)
     retracted = records.undo_messages(conn, turn.scope_id, alignment.undone, turn.now)
     if alignment.undone:
         drop_undone_style(conn, turn.scope_id, set(alignment.undone))
@@ -102,9 +109,12 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         queued = turn.background.queue(conn, turn.scope_id, alignment, ids, retracted)
 
     undone = set(alignment.undone)
-    transcript = tuple(m for m in stored if m.id not in undone) + tuple(
-        StoredMessage(message_id, row.role, row.fingerprint, thread)
-        for message_id, row in zip(ids, rows, strict=True)
+    transcript = TranscriptIndex(
+        [m for m in stored if m.id not in undone]
+        + [
+            StoredMessage(message_id, row.role, row.fingerprint, thread)
+            for message_id, row in zip(ids, rows, strict=True)
+        ]
     )
     return Recorded(
         kind=alignment.kind,

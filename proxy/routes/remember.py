@@ -31,11 +31,11 @@ from proxy.memory import records
 from proxy.memory.embed import CachedEmbedder
 from proxy.memory.rank import Weights
 from proxy.memory.recall import RecallQuery, ScopeContext, query_text, recall, scope_context
-from proxy.memory.record import Recorded, Turn, record_turn
+from proxy.memory.record import Recorded, Turn, record_turn, transcript_index
 from proxy.memory.schedule import BackgroundConfig, TurnJobs, first_in_window
 from proxy.memory.scope import InvalidScope, ScopeRef, detect_names, resolve_scope
 from proxy.memory.store import Store
-from proxy.memory.transcript import Alignment, StoredMessage, align
+from proxy.memory.transcript import Alignment, TranscriptIndex, align
 from proxy.memory.worker import Activity, Worker
 from proxy.metrics import Metrics
 from proxy.routes.auth import Identity
@@ -101,9 +101,7 @@ class Remember:
         self._scopes: cachetools.LRUCache[tuple[str, str], records.ScopeRow] = cachetools.LRUCache(
             4096
         )
-        self._transcripts: cachetools.LRUCache[int, tuple[StoredMessage, ...]] = (
-            cachetools.LRUCache(256)
-        )
+        self._transcripts: cachetools.LRUCache[int, TranscriptIndex] = cachetools.LRUCache(256)
         self._scope_locks: dict[int, asyncio.Lock] = {}
         self.embedder_error: str | None = None  # set when the model failed to load
         # Upstream prompt_tokens / our estimate, per (upstream, model): our tiktoken
@@ -446,11 +444,10 @@ class Remember:
         else:
             self._transcripts.pop(scope_id, None)
 
-    async def _transcript(self, scope_id: int) -> tuple[StoredMessage, ...]:
+    async def _transcript(self, scope_id: int) -> TranscriptIndex:
         cached = self._transcripts.get(scope_id)
         if cached is None:
-            entries = await self.store.read(records.active_transcript, scope_id)
-            cached = tuple(StoredMessage(*e) for e in entries)
+            cached = await self.store.read(transcript_index, scope_id)
             self._transcripts[scope_id] = cached
         return cached
 
