@@ -32,6 +32,14 @@ def near(v: np.ndarray, amount: float, salt: str) -> np.ndarray:
     return w / np.linalg.norm(w)
 
 
+@pytest.fixture(autouse=True, params=["floats cached", "floats read from SQLite"])
+def rescoring(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with both ways of re-scoring KNN candidates exactly: from the
+    reader's cache of a small scope's vectors, and from SQLite (large scopes)."""
+    if request.param == "floats read from SQLite":
+        monkeypatch.setattr(vectors, "FLOAT_CACHE_ENTRIES", 0)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     with Store.open_sync(tmp_path / "memory.db") as s:

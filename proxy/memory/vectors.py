@@ -312,7 +312,7 @@ def knn(
     ).fetchall()
     if not packs:
         return []
-    loaded = _scope_bits(conn, scope_id, tuple((p[0], p[1]) for p in packs))
+    loaded = _scope_bits(conn, scope_id, tuple((p[0], p[1]) for p in packs), len(query))
     ids, columns = loaded.ids, loaded.columns
     qbits = np.frombuffer(_sign_bits(query), dtype="<u8")
     if len(ids) == 0:
@@ -326,7 +326,7 @@ def knn(
         for key in dirty:
             start, stop = loaded.spans[key]
             stale = ~np.isin(ids[start:stop], live)
-            distances[start:stop][stale] = np.iinfo(np.int32).max
+            distances[start:stop][stale] = _STALE
     wanted = max(k * oversample, k)
     hits: list[VectorHit] = []
     # Normally one round; more only if candidates turn out inactive.
@@ -338,16 +338,42 @@ def knn(
             nearest = nearest[np.argsort(distances[nearest], kind="stable")][taken:]
         else:
             nearest = np.argsort(distances, kind="stable")[taken:]
-        hits += _rescore(conn, scope_id, ids[nearest].tolist(), query)
+        if loaded.floats is not None and loaded.floats.shape[1] == len(query):
+            hits += _rescore_cached(loaded, nearest, distances, query)
+        else:
+            hits += _rescore(conn, scope_id, ids[nearest].tolist(), query)
         taken = upto
     hits.sort(key=lambda h: -h.similarity)
     return hits[:k]
 
 
+def _scope_floats(
+    conn: Connection, loaded: _ScopeBits, old: _ScopeBits | None, width: int
+) -> np.ndarray:
+    """The float vectors of `loaded`'s entries in entry order, reading only packs that
+    `old` (the scope's previous cache entry) does not hold."""
+    floats = np.zeros((len(loaded.ids), width), dtype=np.float32)
+    kept = old.floats if old is not None else None
+    kept_spans = old.spans if old is not None else {}
+    for key, (start, stop) in loaded.spans.items():
+        if start == stop:
+            continue
+        if kept is not None and kept.shape[1] == width and key in kept_spans:
+            lo, hi = kept_spans[key]
+            floats[start:stop] = kept[lo:hi]
+            continue
+        for slot, blob in conn.execute(
+            "SELECT slot, vector FROM embeddings WHERE pack = ?", (key[0],)
+        ):
+            if 0 <= slot < stop - start and len(blob) == width * 4:
+                floats[start + slot] = np.frombuffer(blob, dtype=np.float32)
+    return floats
+
+
 class _ScopeBits:
     """A scope's packed entries as of one set of pack versions (a reader's cache)."""
 
-    __slots__ = ("columns", "ids", "signature", "spans")
+    __slots__ = ("columns", "floats", "ids", "signature", "spans")
 
     def __init__(
         self,
@@ -360,16 +386,26 @@ class _ScopeBits:
         self.ids = ids  # memory ids, one per entry
         self.columns = columns  # sign bits: 64-bit words x entries (column-major)
         self.spans = spans  # (pack id, version) -> (start, stop) among the entries
+        # The entries' float vectors (entries x width), for scopes of at most
+        # FLOAT_CACHE_ENTRIES; rows of entries without a vector are zero.
+        self.floats: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.ids.nbytes + self.columns.nbytes)
+        floats = self.floats.nbytes if self.floats is not None else 0
+        return int(self.ids.nbytes + self.columns.nbytes + floats)
 
 
 # Per connection: the packed bits of recently searched scopes, so that a search reads
 # only the packs that changed since the last one (a pack's (id, version) never names
 # two contents: ids are AUTOINCREMENT, every rewrite bumps the version).
 CACHE_BYTES = 64 * 1024 * 1024
+# The distance of an entry that went stale since its pack was written (never a hit).
+_STALE = np.iinfo(np.int32).max
+# A scope of at most this many entries also keeps its float vectors there (~1.5 KB
+# each): re-scoring the Hamming candidates from memory instead of reading ~k*OVERSAMPLE
+# vectors from SQLite halves recall's time at 1k-10k memories (bench/memory.py).
+FLOAT_CACHE_ENTRIES = 20_000
 
 
 def _cache_of(conn: Connection) -> OrderedDict[int, _ScopeBits]:
@@ -383,9 +419,10 @@ def _cache_of(conn: Connection) -> OrderedDict[int, _ScopeBits]:
 
 
 def _scope_bits(
-    conn: Connection, scope_id: int, signature: tuple[tuple[int, int], ...]
+    conn: Connection, scope_id: int, signature: tuple[tuple[int, int], ...], width: int
 ) -> _ScopeBits:
-    """The scope's entries for these pack versions, reading only packs not cached."""
+    """The scope's entries for these pack versions, reading only packs not cached;
+    `width` is the stored vectors' (the dimension padded to a multiple of 8)."""
     cache = _cache_of(conn)
     old = cache.pop(scope_id, None)
     if old is not None and old.signature == signature:
@@ -425,11 +462,28 @@ def _scope_bits(
         np.ascontiguousarray(np.concatenate(bit_parts, axis=1)),
         spans,
     )
+    if len(loaded.ids) <= FLOAT_CACHE_ENTRIES:
+        loaded.floats = _scope_floats(conn, loaded, old, width)
     cache[scope_id] = loaded
     total = sum(entry.nbytes for entry in cache.values())
     while total > CACHE_BYTES and len(cache) > 1:
         total -= cache.popitem(last=False)[1].nbytes
     return loaded
+
+
+def _rescore_cached(
+    loaded: _ScopeBits, entries: np.ndarray, distances: np.ndarray, query: np.ndarray
+) -> list[VectorHit]:
+    """`_rescore` from the cached float vectors: exact cosines (stored vectors are unit
+    length, or zero) of the entries that are still true (stale ones were given the
+    largest distance)."""
+    assert loaded.floats is not None
+    live = entries[distances[entries] != _STALE]
+    sims = loaded.floats[live] @ query
+    return [
+        VectorHit(int(memory_id), float(sim))
+        for memory_id, sim in zip(loaded.ids[live], sims, strict=True)
+    ]
 
 
 def _rescore(
