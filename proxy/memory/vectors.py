@@ -339,7 +339,7 @@ def knn(
         else:
             nearest = np.argsort(distances, kind="stable")[taken:]
         if loaded.floats is not None and loaded.floats.shape[1] == len(query):
-            hits += _rescore_cached(loaded, nearest, distances, query)
+            hits += _rescore_cached(loaded, nearest, distances, query, k)
         else:
             hits += _rescore(conn, scope_id, ids[nearest].tolist(), query)
         taken = upto
@@ -472,14 +472,17 @@ def _scope_bits(
 
 
 def _rescore_cached(
-    loaded: _ScopeBits, entries: np.ndarray, distances: np.ndarray, query: np.ndarray
+    loaded: _ScopeBits, entries: np.ndarray, distances: np.ndarray, query: np.ndarray, k: int
 ) -> list[VectorHit]:
-    """`_rescore` from the cached float vectors: exact cosines (stored vectors are unit
-    length, or zero) of the entries that are still true (stale ones were given the
-    largest distance)."""
+    """`_rescore` from the cached float vectors, the best `k` only: exact cosines (stored
+    vectors are unit length, or zero) of the entries that are still true (stale ones
+    were given the largest distance)."""
     assert loaded.floats is not None
     live = entries[distances[entries] != _STALE]
     sims = loaded.floats[live] @ query
+    if len(sims) > k:  # the caller keeps k in all: build no more hits than that
+        best = np.argpartition(-sims, k - 1)[:k]
+        live, sims = live[best], sims[best]
     return [
         VectorHit(int(memory_id), float(sim))
         for memory_id, sim in zip(loaded.ids[live], sims, strict=True)
