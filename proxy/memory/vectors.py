@@ -338,7 +338,7 @@ def knn(
             nearest = nearest[np.argsort(distances[nearest], kind="stable")][taken:]
         else:
             nearest = np.argsort(distances, kind="stable")[taken:]
-        if loaded.floats is not None and loaded.floats.shape[1] == len(query):
+        if loaded.floats is not None:
             hits += _rescore_cached(loaded, nearest, distances, query, k)
         else:
             hits += _rescore(conn, scope_id, ids[nearest].tolist(), query)
@@ -349,24 +349,25 @@ def knn(
 
 def _scope_floats(
     conn: Connection, loaded: _ScopeBits, old: _ScopeBits | None, width: int
-) -> np.ndarray:
-    """The float vectors of `loaded`'s entries in entry order, reading only packs that
-    `old` (the scope's previous cache entry) does not hold."""
-    floats = np.zeros((len(loaded.ids), width), dtype=np.float32)
-    kept = old.floats if old is not None else None
-    kept_spans = old.spans if old is not None else {}
+) -> dict[tuple[int, int], np.ndarray]:
+    """The float vectors of `loaded`'s entries, one array per pack version. Packs that
+    `old` (the scope's previous cache entry) holds are shared with it, not read or
+    copied: after a write, only the pack it touched is read again."""
+    kept = old.floats if old is not None and old.floats is not None else {}
+    floats: dict[tuple[int, int], np.ndarray] = {}
     for key, (start, stop) in loaded.spans.items():
         if start == stop:
             continue
-        if kept is not None and kept.shape[1] == width and key in kept_spans:
-            lo, hi = kept_spans[key]
-            floats[start:stop] = kept[lo:hi]
+        known = kept.get(key)
+        if known is not None and known.shape == (stop - start, width):
+            floats[key] = known
             continue
+        rows = floats[key] = np.zeros((stop - start, width), dtype=np.float32)
         for slot, blob in conn.execute(
             "SELECT slot, vector FROM embeddings WHERE pack = ?", (key[0],)
         ):
             if 0 <= slot < stop - start and len(blob) == width * 4:
-                floats[start + slot] = np.frombuffer(blob, dtype=np.float32)
+                rows[slot] = np.frombuffer(blob, dtype=np.float32)
     return floats
 
 
@@ -386,13 +387,13 @@ class _ScopeBits:
         self.ids = ids  # memory ids, one per entry
         self.columns = columns  # sign bits: 64-bit words x entries (column-major)
         self.spans = spans  # (pack id, version) -> (start, stop) among the entries
-        # The entries' float vectors (entries x width), for scopes of at most
-        # FLOAT_CACHE_ENTRIES; rows of entries without a vector are zero.
-        self.floats: np.ndarray | None = None
+        # The entries' float vectors per pack version (rows in entry order; zero for
+        # an entry without a vector), for scopes of at most FLOAT_CACHE_ENTRIES.
+        self.floats: dict[tuple[int, int], np.ndarray] | None = None
 
     @property
     def nbytes(self) -> int:
-        floats = self.floats.nbytes if self.floats is not None else 0
+        floats = sum(a.nbytes for a in self.floats.values()) if self.floats else 0
         return int(self.ids.nbytes + self.columns.nbytes + floats)
 
 
@@ -479,7 +480,12 @@ def _rescore_cached(
     were given the largest distance)."""
     assert loaded.floats is not None
     live = entries[distances[entries] != _STALE]
-    sims = loaded.floats[live] @ query
+    sims = np.zeros(len(live), dtype=np.float32)
+    for key, (start, stop) in loaded.spans.items():
+        rows = loaded.floats.get(key)
+        inside = (live >= start) & (live < stop)
+        if rows is not None and inside.any():
+            sims[inside] = rows[live[inside] - start] @ query
     if len(sims) > k:  # the caller keeps k in all: build no more hits than that
         best = np.argpartition(-sims, k - 1)[:k]
         live, sims = live[best], sims[best]
