@@ -25,7 +25,7 @@ from tests.background_helpers import (
 )
 from tests.conftest import MakeProxy
 from tests.fakes.servers import RunningServer
-from tests.fakes.upstream import FakeUpstream, Reply
+from tests.fakes.upstream import FakeUpstream, RecordedRequest, Reply
 from tests.memory_helpers import st_body, wait_until
 
 GOOD = {"facts": [{"text": "Tom has a boat.", "importance": 0.5, "from": [1]}]}
@@ -247,20 +247,28 @@ def test_a_memory_model_upstream_that_is_not_configured_is_refused_at_start() ->
         )
 
 
+def four_quick_turns_to_a_slow_model(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path, *, delay: float, timeout: float
+) -> list[RecordedRequest]:
+    """Four turns sent while fact extraction takes `delay` s per request; once every
+    extraction is done, the fact requests the upstream received."""
+    up.responder = MemoryModel(
+        facts=lambda body: Reply(json.dumps({"facts": []}), delay_first=delay)
+    )
+    proxy = background_proxy(make_proxy, up, tmp_path)
+    history: list[tuple[str, str]] = []
+    for i in range(4):
+        history = say(proxy, history, f"Quick message number {i}.")
+    extract = [j for j in wait_for_jobs(tmp_path / "memory.db", timeout) if j.kind == "extract"]
+    assert [j.state for j in extract] == ["done"] * 4
+    return [r for r in up.chat_requests if job_kind(r.json) == "facts"]
+
+
 def test_extractions_that_queued_up_behind_a_busy_model_go_together(
     up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
     # A slow model: every extraction is still running when the next turn arrives.
-    model = MemoryModel(facts=lambda body: Reply(json.dumps({"facts": []}), delay_first=0.6))
-    up.responder = model
-    proxy = background_proxy(make_proxy, up, tmp_path)
-    db = tmp_path / "memory.db"
-    history: list[tuple[str, str]] = []
-    for i in range(4):
-        history = say(proxy, history, f"Quick message number {i}.")
-    extract = [j for j in wait_for_jobs(db) if j.kind == "extract"]
-    assert [j.state for j in extract] == ["done"] * 4
-    facts = [r for r in up.chat_requests if job_kind(r.json) == "facts"]
+    facts = four_quick_turns_to_a_slow_model(up, make_proxy, tmp_path, delay=0.6, timeout=15)
     answered = [r.json for r in facts if r.disconnected_at is None]
     # Fewer requests than turns (a turn that comes while a batch waits for the slot
     # goes in the next one), and together they cover every turn.
@@ -273,16 +281,7 @@ def test_jobs_taken_along_that_would_not_fit_the_window_go_one_by_one(
     make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
     with FakeUpstream(flavor="llamacpp", context_window=1200) as up:
-        model = MemoryModel(facts=lambda body: Reply(json.dumps({"facts": []}), delay_first=3))
-        up.responder = model
-        proxy = background_proxy(make_proxy, up, tmp_path)
-        db = tmp_path / "memory.db"
-        history: list[tuple[str, str]] = []
-        for i in range(4):
-            history = say(proxy, history, f"Quick message number {i}.")
-        extract = [j for j in wait_for_jobs(db, timeout=30) if j.kind == "extract"]
-        assert [j.state for j in extract] == ["done"] * 4
-        facts = [r for r in up.chat_requests if job_kind(r.json) == "facts"]
+        facts = four_quick_turns_to_a_slow_model(up, make_proxy, tmp_path, delay=3, timeout=30)
         answered = [r.json for r in facts if r.disconnected_at is None]
         assert len(answered) >= 2  # not all four in one request
         for request in facts:  # and every one fits the window, cautiously counted
