@@ -13,7 +13,7 @@ import pytest
 from proxy.memory import records, vectors
 from proxy.memory.db import Connection
 from proxy.memory.rank import Weights
-from proxy.memory.recall import RecallQuery, find_candidates, recall
+from proxy.memory.recall import RecallQuery, find_candidates, look_up, recall
 from proxy.memory.record import store_messages
 from proxy.memory.store import Store
 from proxy.memory.timeq import TimeSpan
@@ -142,3 +142,20 @@ def test_a_span_brings_in_its_memories_and_ranks_them_first(store: Store) -> Non
     assert recalled[0].components["time"] == 1.0
     off = RecallQuery(q.text, query, now, Weights(time=0.0), 3, 3)
     assert target not in {m.memory_id for m in store.read_sync(recall, scope, off)}
+
+
+def test_recall_gives_the_same_answer_with_its_lookup_done_while_the_query_embeds(
+    store: Store,
+) -> None:
+    query = fake_vec("query")
+    turns = [("user", f"we talked about topic {i}", T0 + i * DAY) for i in range(60)]
+    turns += [("user", "the zeppelin landed in Lisbon", T0 + 61 * DAY)]
+    vecs = {f"we talked about topic {i}": near(query, 0.3 + 0.05 * i, f"t{i}") for i in range(60)}
+    scope, ids = chat(store, turns, vecs)
+    now = T0 + 62 * DAY
+    q = RecallQuery("what about the zeppelin, three days ago?", query, now, Weights(), 10, 8)
+    alone = store.read_sync(recall, scope, q)
+    lookup = store.read_sync(look_up, scope, q.text, q.candidates, now=now, context=True)
+    assert list(lookup.ranks) == [ids["the zeppelin landed in Lisbon"]]
+    assert lookup.span is not None and ids["we talked about topic 59"] in lookup.span_ids
+    assert store.read_sync(recall, scope, q, lookup) == alone

@@ -180,6 +180,25 @@ def test_edited_text_drops_the_old_vector_until_re_embedded(store: Store) -> Non
     assert store.read_sync(records.memories_to_embed, 10) == []
 
 
+def test_similarities_are_exact_for_every_memory_with_a_vector(store: Store) -> None:
+    scope = _scope(store, "chat")
+    query = fake_vec("q")
+    texts = [f"turn {i}" for i in range(40)]
+    vecs = [near(query, 0.1 * i, t) for i, t in enumerate(texts)]
+    ids = _add(store, scope, texts, vecs)
+    store.read_sync(vectors.knn, scope, query, 5)  # the scope is now in the reader's cache
+    store.write_sync(records.retract_memories, scope, ids[:3])  # stale entries, same vectors
+    (unembedded,) = store.write_sync(
+        records.insert_memories, [NewMemory(scope, "turn", "not embedded yet", 1.0)], 1.0
+    )
+    wanted = [*ids[::-1], unembedded]
+    sims = store.read_sync(vectors.similarities, scope, wanted, query)
+    assert set(sims) == set(ids)  # no vector, no similarity
+    for memory_id, vec in zip(ids, vecs, strict=True):
+        assert sims[memory_id] == pytest.approx(float(vec @ query), abs=1e-5)
+    assert store.read_sync(vectors.similarities, scope, [], query) == {}
+
+
 def test_vectors_for_deleted_or_inactive_memories(store: Store) -> None:
     scope = _scope(store, "chat")
     gone, retracted = store.write_sync(

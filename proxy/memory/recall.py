@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -66,31 +66,83 @@ class RecallQuery:
     exclude_sources: frozenset[int] = frozenset()  # messages the model sees anyway
 
 
-def recall(conn: Connection, scope_id: int, query: RecallQuery) -> list[Recalled]:
+@dataclass(frozen=True)
+class Lookup:
+    """The half of a search that needs no query vector (`look_up`): done while the
+    query is being embedded, so that only the vector half waits for it."""
+
+    span: TimeSpan | None  # the span of time the query names, if any
+    ranks: dict[int, int]  # keyword (BM25) hits: memory id -> position, 0 = best
+    adjacent: dict[int, list[int]]  # the keyword seeds' neighbouring turns
+    rows: dict[int, _Row]  # the rows of all of the above
+    span_ids: tuple[int, ...] = ()  # memories dated inside the span
+    context: bool = False  # whether neighbouring turns are wanted
+
+
+def look_up(
+    conn: Connection,
+    scope_id: int,
+    text: str,
+    k: int,
+    *,
+    now: float | None = None,
+    span: TimeSpan | None = None,
+    context: bool = False,
+) -> Lookup:
+    """Keyword matches of `text` and, with `context`, their neighbouring turns; with a
+    span (given, or named by `text` relative to `now`), the memories dated inside it."""
+    if span is None and now is not None:
+        span = find_span(text, now)
+    ranks = {
+        hit.memory_id: position
+        for position, hit in enumerate(vectors.keyword_search(conn, scope_id, text, k))
+    }
+    adjacent: dict[int, list[int]] = {}
+    if context and ranks:
+        # Around the best hits only: the others seldom reach the block.
+        adjacent = _adjacent(conn, scope_id, sorted(ranks, key=ranks.__getitem__)[:CONTEXT_SEEDS])
+    span_ids: tuple[int, ...] = ()
+    if span is not None:
+        span_ids = tuple(
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM memories WHERE scope_id = ? AND state = 'active'"
+                " AND +at >= ? AND +at < ? LIMIT ?",
+                (scope_id, span.start, span.end, SPAN_SCAN),
+            )
+        )
+    wanted = [*ranks, *(n for ns in adjacent.values() for n in ns)]
+    return Lookup(span, ranks, adjacent, _load_rows(conn, scope_id, wanted), span_ids, context)
+
+
+def recall(
+    conn: Connection, scope_id: int, query: RecallQuery, lookup: Lookup | None = None
+) -> list[Recalled]:
     """The memories to remind the model of, best first (see `rank`).
 
     A span of time the query names ("last Saturday", "in March") brings in the
     memories of that span and favours them (`Weights.time`); `Weights.context` turns
-    on neighbouring turns (`find_candidates`).
+    on neighbouring turns (`find_candidates`). `lookup`: this query's `look_up`, done
+    beforehand (in the same scope); without it, it is done here.
     """
     w = query.weights
-    span = find_span(query.text, query.now) if w.time > 0 else None
-    candidates = find_candidates(
-        conn,
-        scope_id,
-        query.vector,
-        query.text,
-        query.candidates,
-        span=span,
-        context=w.context > 0,
-    )
+    if lookup is None:
+        lookup = look_up(
+            conn,
+            scope_id,
+            query.text,
+            query.candidates,
+            now=query.now if w.time > 0 else None,
+            context=w.context > 0,
+        )
+    candidates = _candidates(conn, scope_id, query.vector, query.candidates, lookup)
     return rank(
         candidates,
         now=query.now,
         weights=w,
         exclude_sources=set(query.exclude_sources),
         limit=query.limit,
-        span=span,
+        span=lookup.span if w.time > 0 else None,
     )
 
 
@@ -116,30 +168,39 @@ def find_candidates(
 
     Pinned memories are left out: they are always shown, as notes.
     """
+    lookup = look_up(conn, scope_id, query_text, k, span=span, context=context)
+    return _candidates(conn, scope_id, query_vec, k, lookup)
+
+
+def _candidates(
+    conn: Connection, scope_id: int, query_vec: np.ndarray | None, k: int, lookup: Lookup
+) -> list[Candidate]:
+    """`find_candidates` from a lookup: the vector half, then the merge."""
+    ranks = lookup.ranks
+    adjacent = {m: list(ns) for m, ns in lookup.adjacent.items()}
     sims: dict[int, float] = {}
     if query_vec is not None:
         sims = {hit.memory_id: hit.similarity for hit in vectors.knn(conn, scope_id, query_vec, k)}
-        if span is not None:
-            for memory_id, sim in _span_neighbours(conn, scope_id, query_vec, span, k):
-                sims.setdefault(memory_id, sim)
-    ranks = {
-        hit.memory_id: position
-        for position, hit in enumerate(vectors.keyword_search(conn, scope_id, query_text, k))
-    }
+        if lookup.span_ids:
+            span_sims = vectors.similarities(conn, scope_id, lookup.span_ids, query_vec)
+            for memory_id in sorted(span_sims, key=lambda m: -span_sims[m])[:k]:
+                sims.setdefault(memory_id, span_sims[memory_id])
+        if lookup.context:  # around the best vector hits too (the keyword ones are done)
+            seeds = sorted(sims, key=lambda m: -sims[m])[:CONTEXT_SEEDS]
+            new = [m for m in seeds if m not in lookup.adjacent]
+            for memory_id, others in _adjacent(conn, scope_id, new).items():
+                adjacent.setdefault(memory_id, []).extend(others)
     ids = list(dict.fromkeys([*sims, *ranks]))
-    adjacent: dict[int, list[int]] = {}
-    if context and ids:
-        # Around the best of each search only: the others seldom reach the block.
-        seeds = sorted(sims, key=lambda m: -sims[m])[:CONTEXT_SEEDS]
-        seeds += sorted(ranks, key=lambda m: ranks[m])[:CONTEXT_SEEDS]
-        adjacent = _adjacent(conn, scope_id, list(dict.fromkeys(seeds)))
+    if adjacent:
         ids = list(dict.fromkeys([*ids, *(n for ns in adjacent.values() for n in ns)]))
         for memory_id, others in list(adjacent.items()):  # a neighbour's neighbour is it
             for other in others:
                 adjacent.setdefault(other, []).append(memory_id)
     if query_vec is not None:
-        sims.update(_similarities(conn, [i for i in ids if i not in sims], query_vec))
-    rows = records.load_candidates(conn, scope_id, ids)
+        missing = [i for i in ids if i not in sims]
+        sims.update(vectors.similarities(conn, scope_id, missing, query_vec))
+    rows = dict(lookup.rows)
+    rows.update(_load_rows(conn, scope_id, [i for i in ids if i not in rows]))
     return [
         Candidate(
             memory_id=row.id,
@@ -154,9 +215,44 @@ def find_candidates(
             role=row.role,
             context_sim=max((sims.get(n, 0.0) for n in adjacent.get(row.id, ())), default=None),
         )
-        for row in rows
+        for row in (rows[i] for i in ids if i in rows)
         if not row.pinned
     ]
+
+
+class _Row(NamedTuple):
+    """What ranking needs of a memory."""
+
+    id: int
+    kind: str
+    text: str
+    at: float
+    importance: float
+    pinned: bool
+    speaker: str | None
+    role: str | None
+    sources: tuple[int, ...]
+
+
+def _load_rows(conn: Connection, scope_id: int, memory_ids: Sequence[int]) -> dict[int, _Row]:
+    """The active memories of the scope among `memory_ids`, with their sources."""
+    rows: dict[int, _Row] = {}
+    for chunk in records.chunked(list(dict.fromkeys(memory_ids))):
+        marks = records.placeholders(chunk)
+        sources: dict[int, list[int]] = {}
+        for memory_id, message_id in conn.execute(
+            f"SELECT memory_id, message_id FROM memory_sources WHERE memory_id IN ({marks})"
+            " ORDER BY message_id",
+            chunk,
+        ):
+            sources.setdefault(memory_id, []).append(message_id)
+        for r in conn.execute(
+            "SELECT id, kind, text, at, importance, pinned, speaker, role FROM memories"
+            f" WHERE id IN ({marks}) AND +scope_id = ? AND +state = 'active'",
+            (*chunk, scope_id),
+        ):
+            rows[r[0]] = _Row(*r[:5], bool(r[5]), r[6], r[7], tuple(sources.get(r[0], ())))
+    return rows
 
 
 def _adjacent(conn: Connection, scope_id: int, memory_ids: Sequence[int]) -> dict[int, list[int]]:
@@ -178,56 +274,6 @@ def _adjacent(conn: Connection, scope_id: int, memory_ids: Sequence[int]) -> dic
         ):
             out.setdefault(memory_id, []).append(other)
     return out
-
-
-def _similarities(
-    conn: Connection, memory_ids: Sequence[int], query_vec: np.ndarray
-) -> dict[int, float]:
-    """Exact cosine similarity to the query of those memories that have a vector."""
-    if not memory_ids:
-        return {}
-    found: list[int] = []
-    blobs: list[bytes] = []
-    for chunk in records.chunked(list(memory_ids)):
-        for memory_id, blob in conn.execute(
-            "SELECT memory_id, vector FROM embeddings"
-            f" WHERE memory_id IN ({records.placeholders(chunk)})",
-            chunk,
-        ):
-            found.append(memory_id)
-            blobs.append(blob)
-    if not found:
-        return {}
-    matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found), -1)
-    sims = matrix @ _padded(query_vec, matrix.shape[1])
-    return dict(zip(found, (float(x) for x in sims), strict=True))
-
-
-def _padded(query_vec: np.ndarray, width: int) -> np.ndarray:
-    """The query as a unit float32 vector of the stored width (stored vectors are
-    zero-padded to a multiple of 8 dimensions)."""
-    q = np.asarray(query_vec, dtype=np.float32).reshape(-1)[:width]
-    out = np.zeros(width, dtype=np.float32)
-    out[: len(q)] = q
-    norm = float(np.linalg.norm(out))
-    return out / norm if norm > 0 else out
-
-
-def _span_neighbours(
-    conn: Connection, scope_id: int, query_vec: np.ndarray, span: TimeSpan, k: int
-) -> list[tuple[int, float]]:
-    """The `k` active memories dated inside `span` most similar to the query (exact)."""
-    rows = conn.execute(
-        "SELECT e.memory_id, e.vector FROM memories m JOIN embeddings e ON e.memory_id = m.id"
-        " WHERE m.scope_id = ? AND m.state = 'active' AND +m.at >= ? AND +m.at < ? LIMIT ?",
-        (scope_id, span.start, span.end, SPAN_SCAN),
-    ).fetchall()
-    if not rows:
-        return []
-    matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
-    sims = matrix @ _padded(query_vec, matrix.shape[1])
-    best = np.argsort(-sims, kind="stable")[:k]
-    return [(int(rows[i][0]), float(sims[i])) for i in best]
 
 
 def query_text(messages: Sequence[dict[str, Any]]) -> str:

@@ -307,9 +307,7 @@ def knn(
     if k <= 0 or model is None:
         return []
     query = _unit(query_vec, model[1])
-    packs = conn.execute(
-        "SELECT id, version, dirty FROM vector_packs WHERE scope_id = ? ORDER BY id", (scope_id,)
-    ).fetchall()
+    packs = _packs(conn, scope_id)
     if not packs:
         return []
     loaded = _scope_bits(conn, scope_id, tuple((p[0], p[1]) for p in packs), len(query))
@@ -347,6 +345,18 @@ def knn(
     return hits[:k]
 
 
+def _packs(conn: Connection, scope_id: int) -> list[tuple[int, int, int]]:
+    """(id, version, dirty) of the scope's packs, in order."""
+    return conn.execute(
+        "SELECT id, version, dirty FROM vector_packs WHERE scope_id = ? ORDER BY id", (scope_id,)
+    ).fetchall()
+
+
+def _signature(conn: Connection, scope_id: int) -> tuple[tuple[int, int], ...]:
+    """The scope's ((pack id, version), ...): what its cache entry must match."""
+    return tuple((p[0], p[1]) for p in _packs(conn, scope_id))
+
+
 def _scope_floats(
     conn: Connection, loaded: _ScopeBits, old: _ScopeBits | None, width: int
 ) -> dict[tuple[int, int], np.ndarray]:
@@ -374,7 +384,7 @@ def _scope_floats(
 class _ScopeBits:
     """A scope's packed entries as of one set of pack versions (a reader's cache)."""
 
-    __slots__ = ("columns", "floats", "ids", "signature", "spans")
+    __slots__ = ("_positions", "columns", "floats", "ids", "signature", "spans", "starts")
 
     def __init__(
         self,
@@ -387,9 +397,17 @@ class _ScopeBits:
         self.ids = ids  # memory ids, one per entry
         self.columns = columns  # sign bits: 64-bit words x entries (column-major)
         self.spans = spans  # (pack id, version) -> (start, stop) among the entries
+        self.starts = np.array([start for start, _ in spans.values()], dtype=np.int64)
+        self._positions: dict[int, int] | None = None
         # The entries' float vectors per pack version (rows in entry order; zero for
         # an entry without a vector), for scopes of at most FLOAT_CACHE_ENTRIES.
         self.floats: dict[tuple[int, int], np.ndarray] | None = None
+
+    def positions(self) -> dict[int, int]:
+        """Memory id -> its entry (the newest, should a stale one remain), built once."""
+        if self._positions is None:
+            self._positions = dict(zip(self.ids.tolist(), range(len(self.ids)), strict=True))
+        return self._positions
 
     @property
     def nbytes(self) -> int:
@@ -478,14 +496,8 @@ def _rescore_cached(
     """`_rescore` from the cached float vectors, the best `k` only: exact cosines (stored
     vectors are unit length, or zero) of the entries that are still true (stale ones
     were given the largest distance)."""
-    assert loaded.floats is not None
     live = entries[distances[entries] != _STALE]
-    sims = np.zeros(len(live), dtype=np.float32)
-    for key, (start, stop) in loaded.spans.items():
-        rows = loaded.floats.get(key)
-        inside = (live >= start) & (live < stop)
-        if rows is not None and inside.any():
-            sims[inside] = rows[live[inside] - start] @ query
+    sims = _cached_sims(loaded, live, query)
     if len(sims) > k:  # the caller keeps k in all: build no more hits than that
         best = np.argpartition(-sims, k - 1)[:k]
         live, sims = live[best], sims[best]
@@ -493,6 +505,69 @@ def _rescore_cached(
         VectorHit(int(memory_id), float(sim))
         for memory_id, sim in zip(loaded.ids[live], sims, strict=True)
     ]
+
+
+def _cached_sims(loaded: _ScopeBits, entries: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Dot products of the query with the cached float vectors of `entries` (indices
+    among the scope's entries), in the order given."""
+    assert loaded.floats is not None
+    sims = np.zeros(len(entries), dtype=np.float32)
+    if not len(entries):
+        return sims
+    # Visit the packs in entry order, each with the run of sorted entries inside it.
+    order = np.argsort(entries, kind="stable")
+    ordered = entries[order]
+    bounds = np.searchsorted(ordered, loaded.starts)
+    for (key, (start, _)), lo, hi in zip(
+        loaded.spans.items(), bounds, [*bounds[1:], len(ordered)], strict=True
+    ):
+        rows = loaded.floats.get(key)
+        if hi > lo and rows is not None:
+            sims[order[lo:hi]] = rows[ordered[lo:hi] - start] @ query
+    return sims
+
+
+def similarities(
+    conn: Connection,
+    scope_id: int,
+    memory_ids: Sequence[int],
+    query_vec: Sequence[float] | np.ndarray,
+) -> dict[int, float]:
+    """Exact cosine similarity to the query of those of `memory_ids` that have a vector
+    (any state). The scope's cached float vectors serve what they hold; SQLite the rest."""
+    model = embedding_model(conn)
+    if not memory_ids or model is None:
+        return {}
+    query = _unit(query_vec, model[1])
+    out: dict[int, float] = {}
+    rest = list(memory_ids)
+    loaded = _cache_of(conn).get(scope_id)
+    if (
+        loaded is not None
+        and loaded.floats is not None
+        and loaded.signature == _signature(conn, scope_id)
+    ):
+        positions = loaded.positions()
+        found = [(m, positions[m]) for m in rest if m in positions]
+        if found:
+            entries = np.fromiter((i for _, i in found), dtype=np.int64, count=len(found))
+            sims = _cached_sims(loaded, entries, query)
+            out = {m: float(x) for (m, _), x in zip(found, sims, strict=True)}
+            rest = [m for m in rest if m not in out]
+    found_ids: list[int] = []
+    blobs: list[bytes] = []
+    for chunk in chunked(rest):
+        for memory_id, blob in conn.execute(
+            f"SELECT memory_id, vector FROM embeddings WHERE memory_id IN ({placeholders(chunk)})",
+            chunk,
+        ):
+            if len(blob) == len(query) * 4:
+                found_ids.append(memory_id)
+                blobs.append(blob)
+    if found_ids:
+        matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found_ids), -1)
+        out.update(zip(found_ids, (float(x) for x in matrix @ query), strict=True))
+    return out
 
 
 def _rescore(

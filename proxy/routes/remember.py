@@ -14,10 +14,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cachetools
 
@@ -30,7 +30,15 @@ from proxy.inject.tokens import TokenCounter, encoding_for_model
 from proxy.memory import records
 from proxy.memory.embed import CachedEmbedder
 from proxy.memory.rank import Weights
-from proxy.memory.recall import RecallQuery, ScopeContext, query_text, recall, scope_context
+from proxy.memory.recall import (
+    Lookup,
+    RecallQuery,
+    ScopeContext,
+    look_up,
+    query_text,
+    recall,
+    scope_context,
+)
 from proxy.memory.record import Recorded, Turn, record_turn, transcript_index
 from proxy.memory.schedule import BackgroundConfig, TurnJobs, first_in_window
 from proxy.memory.scope import InvalidScope, ScopeRef, detect_names, resolve_scope
@@ -50,6 +58,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger("mnemoproxy.memory")
+
+T = TypeVar("T")
 
 WRITE_OFF = frozenset({"off", "false", "0", "no", "none"})
 
@@ -169,14 +179,19 @@ class Remember:
         char = scene.get("char_name") or names.char
         user = scene.get("user_name") or names.user
         query = query_text(messages)
-        # The query embedding (its own thread) overlaps the transcript read and trimming.
+        # The query embedding (its own thread) overlaps everything up to the vector
+        # search: the transcript, trimming, and on the readers the scope's standing
+        # context and the half of recall that needs no vector (`look_up`).
         embedding = self._embed_query_soon(query)
+        mem = self.settings.memory
+        style_on = mem.style_sample and scope.settings.get("style") is not False
+        context_task = _soon(self.store.read(scope_context, scope.id, style=style_on))
+        lookup = self._look_up_soon(scope.id, query, now)
 
         transcript = await self._transcript(scope.id)
         alignment = align(messages, transcript, max_blind_undo=self.settings.memory.max_blind_undo)
         lap("transcript_ms")
 
-        mem = self.settings.memory
         window = await self.windows.get(route.upstream, route.model)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         margin = mem.margin_tokens + int(window.tokens * mem.margin_ratio)
@@ -189,15 +204,11 @@ class Remember:
         trim = trim_history(messages, counter, available, reserve=reserve, slack=slack)
         lap("budget_ms")
 
-        style_on = mem.style_sample and scope.settings.get("style") is not False
-        context_task = asyncio.ensure_future(
-            self.store.read(scope_context, scope.id, style=style_on)
-        )
         errors: list[str] = []
         recalled: list[Recalled] = []
         try:
             recalled = await self._recall(
-                scope.id, query, embedding, alignment, trim, now, errors, lap
+                scope.id, query, embedding, lookup, alignment, trim, now, errors, lap
             )
         finally:
             context = await context_task
@@ -287,15 +298,31 @@ class Remember:
         """
         if self.settings.recall.limit == 0 or not query.strip() or not self.embedder.ready:
             return None
-        task = asyncio.ensure_future(self.embedder.embed_query(query))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return task
+        return _soon(self.embedder.embed_query(query))
+
+    def _look_up_soon(self, scope_id: int, query: str, now: float) -> asyncio.Future[Lookup] | None:
+        """Start the half of recall that needs no query vector, on a reader."""
+        rec = self.settings.recall
+        if rec.limit == 0 or not query.strip():
+            return None
+        w = self.weights
+        return _soon(
+            self.store.read(
+                look_up,
+                scope_id,
+                query,
+                rec.candidates,
+                now=now if w.time > 0 else None,
+                context=w.context > 0,
+            )
+        )
 
     async def _recall(
         self,
         scope_id: int,
         query: str,
         embedding: asyncio.Future[np.ndarray] | None,
+        lookup: asyncio.Future[Lookup] | None,
         alignment: Alignment,
         trim: Trim,
         now: float,
@@ -304,7 +331,7 @@ class Remember:
     ) -> list[Recalled]:
         """Ranked memories for the last user message, minus what the window still shows."""
         rec = self.settings.recall
-        if rec.limit == 0 or not query.strip():
+        if lookup is None:
             return []
         vector = None
         if embedding is not None:
@@ -315,7 +342,7 @@ class Remember:
         in_window = {sid for index, sid in alignment.matched if index in set(trim.kept)}
         exclude = frozenset(in_window | set(alignment.undone))
         q = RecallQuery(query, vector, now, self.weights, rec.candidates, rec.limit, exclude)
-        return await self.store.read(recall, scope_id, q)
+        return await self.store.read(recall, scope_id, q, await lookup)
 
     def _compose(
         self,
@@ -543,6 +570,14 @@ class RememberPlan:
     async def record(self, reply: ReplyAccumulator, *, partial: bool) -> None:
         """Store the turn once the reply is known. Never raises."""
         await self.owner.record(self, reply, partial)
+
+
+def _soon(awaitable: Awaitable[T]) -> asyncio.Future[T]:
+    """Run `awaitable` as a task now. Its outcome is always retrieved, so a request that
+    fails before awaiting it leaks no 'exception never retrieved' (the task just ends)."""
+    task = asyncio.ensure_future(awaitable)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
 
 
 def _kept_ids(alignment: Alignment, trim: Trim) -> set[int]:
