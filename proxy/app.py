@@ -161,7 +161,10 @@ def build_embedder(
             client,
             batch_size=cfg.batch_size,
         )
-    return LocalEmbedder(model, threads=cfg.threads)
+    cache = Path(platformdirs.user_cache_dir("mnemoproxy", appauthor=False)) / "query-models"
+    return LocalEmbedder(
+        model, threads=cfg.threads, query_cache=cache if cfg.fast_queries else None
+    )
 
 
 async def open_memory(

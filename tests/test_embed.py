@@ -303,3 +303,76 @@ def test_upstream_errors_carry_the_upstream_message(upstream: FakeUpstream) -> N
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     with pytest.raises(EmbeddingError, match="failed: ConnectError"):
         asyncio.run(start(closed))
+
+
+# -- the fast query copy of the torch model ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def query_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("query-models")
+
+
+@pytest.fixture(scope="module")
+def fast_embedder(query_cache: Path) -> Iterator[LocalEmbedder]:
+    embedder = LocalEmbedder(query_cache=query_cache)
+    asyncio.run(embedder.start())
+    yield embedder
+    asyncio.run(embedder.close())
+
+
+@pytest.mark.model
+def test_chat_queries_run_on_a_fast_copy_in_the_models_own_space(
+    fast_embedder: LocalEmbedder, torch_embedder: LocalEmbedder
+) -> None:
+    assert fast_embedder.fast_queries and not torch_embedder.fast_queries
+    # Same model id: the stored (torch) vectors and these queries share one space.
+    assert fast_embedder.model_id == torch_embedder.model_id == "all-MiniLM-L6-v2"
+    texts = [
+        *SENTENCES,
+        "ok",
+        "word " * 400,
+        "Der alte Mann und das Meer.",
+        "彼女は図書館で本を読んだ。",
+    ]
+    fast = np.stack([asyncio.run(fast_embedder.embed_query(t)) for t in texts])
+    cosines = np.sum(fast * embed(torch_embedder, texts), axis=1)
+    assert cosines.min() > 0.998, dict(zip(texts, cosines.round(5), strict=True))
+    # Documents still go through torch: exactly the model's vectors.
+    np.testing.assert_allclose(
+        embed(fast_embedder, SENTENCES[:4]), embed(torch_embedder, SENTENCES[:4]), atol=1e-5
+    )
+
+
+@pytest.mark.model
+def test_the_fast_copy_is_built_once_and_reused(
+    fast_embedder: LocalEmbedder, query_cache: Path
+) -> None:
+    built = list(query_cache.glob("*.onnx"))
+    assert len(built) == 1 and built[0].name.startswith("all-MiniLM-L6-v2-")
+    stamp = built[0].stat().st_mtime_ns
+    again = LocalEmbedder(query_cache=query_cache)
+    asyncio.run(again.start())
+    try:
+        assert again.fast_queries
+        assert list(query_cache.glob("*.onnx")) == built and built[0].stat().st_mtime_ns == stamp
+        assert not [p for p in query_cache.iterdir() if p.name.startswith(".building")]
+    finally:
+        asyncio.run(again.close())
+
+
+@pytest.mark.model
+def test_queries_stay_on_torch_when_the_copy_cannot_be_made(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory should be")
+    embedder = LocalEmbedder(query_cache=blocked)
+    asyncio.run(embedder.start())
+    try:
+        assert embedder.ready and not embedder.fast_queries
+        assert "embedded with torch" in caplog.text
+        vector = asyncio.run(embedder.embed_query("Do you remember the lighthouse?"))
+        assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
+    finally:
+        asyncio.run(embedder.close())

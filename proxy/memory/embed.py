@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -34,6 +35,8 @@ from typing import Any, Protocol, runtime_checkable
 import cachetools
 import httpx
 import numpy as np
+
+log = logging.getLogger("mnemoproxy.embed")
 
 DEFAULT_MODEL_ID = "all-MiniLM-L6-v2"
 ONNX_INT8_MODEL_ID = "all-MiniLM-L6-v2-int8"
@@ -155,16 +158,27 @@ class _ThreadedEmbedder(ABC):
             out[batch] = await self._run(self._encode, [texts[i] for i in batch])
         return out
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Call `fn` on the embedder's thread; any failure comes out as EmbeddingError."""
-        executor = self._executor
+    async def embed_query(self, text: str) -> np.ndarray:
+        """The unit vector of one chat query (`embed` of one text, unless a subclass has
+        a faster way)."""
+        return (await self.embed([text]))[0]
+
+    async def _run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> Any:
+        """Call `fn` on the embedder's thread (or `executor`); any failure comes out as
+        EmbeddingError."""
+        executor = executor or self._executor
         if executor is None:
             raise EmbeddingError(f"embedder {self.model_id} is closed")
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if self._executor is not executor and task is not None and not task.cancelling():
+            if self._executor is None and task is not None and not task.cancelling():
                 # close() cancelled the queued job: not the caller's own cancellation.
                 raise EmbeddingError(f"embedder {self.model_id} was closed") from None
             raise
@@ -253,6 +267,10 @@ class LocalEmbedder(_ThreadedEmbedder):
     of its path or repo id; "all-MiniLM-L6-v2" for the default). `threads` is torch's
     intra-op thread count, which is process-wide; 1 keeps single-query latency steady
     on a busy CPU.
+
+    `query_cache`: a directory for a fast copy of the model (8-bit weights on ONNX
+    Runtime, `proxy.memory.query_model`) that `embed_query` uses, on a thread of its
+    own, once its vectors were checked against the model's; None: queries run on torch.
     """
 
     def __init__(
@@ -263,13 +281,32 @@ class LocalEmbedder(_ThreadedEmbedder):
         threads: int = 1,
         batch_size: int = LOCAL_BATCH_SIZE,
         device: str = "cpu",
+        query_cache: Path | None = None,
     ) -> None:
         if model_id is None:
             model_id = DEFAULT_MODEL_ID if model is None else _name_of(model)
         super().__init__(model_id=model_id, batch_size=batch_size, threads=threads)
         self.model = model
         self.device = device
+        self.query_cache = query_cache
         self._model: Any = None
+        self._query_model: Any = None  # an OnnxEncoder, when the fast copy is in use
+        self._query_executor: ThreadPoolExecutor | None = None
+
+    @property
+    def fast_queries(self) -> bool:
+        """Whether `embed_query` runs on the fast copy of the model."""
+        return self._query_model is not None and self._query_executor is not None
+
+    async def embed_query(self, text: str) -> np.ndarray:
+        """The unit vector of one chat query: on the fast copy when there is one (it
+        waits for no background batch), else as `embed`."""
+        if not self.ready:
+            raise EmbeddingError(f"embedder {self.model_id} is not started")
+        executor, model = self._query_executor, self._query_model
+        if executor is None or model is None:
+            return await super().embed_query(text)
+        return (await self._run(model.encode, [text], executor=executor))[0]
 
     async def start(self) -> None:
         """Import torch and load the model (several seconds) off the event loop."""
@@ -292,7 +329,41 @@ class LocalEmbedder(_ThreadedEmbedder):
         self._model = model
         # Newer sentence-transformers renamed get_sentence_embedding_dimension.
         dimension = getattr(model, "get_embedding_dimension", None)
-        return int((dimension or model.get_sentence_embedding_dimension)())
+        dim = int((dimension or model.get_sentence_embedding_dimension)())
+        if self.query_cache is not None:
+            self._query_model = self._fast_copy(model, path)
+            if self._query_model is not None:
+                self._query_executor = ThreadPoolExecutor(1, thread_name_prefix="embed-query")
+        return dim
+
+    def _fast_copy(self, model: Any, path: Path) -> Any:
+        """The fast query copy of `model`, or None (logged) when it cannot be trusted."""
+        assert self.query_cache is not None
+        try:
+            from proxy.memory.query_model import (
+                MIN_COSINE,
+                PROBES,
+                OnnxEncoder,
+                build_query_model,
+            )
+
+            built = build_query_model(model, path, self.query_cache, self.model_id)
+            encoder = OnnxEncoder(
+                built,
+                path / "tokenizer.json",
+                max_seq_length=int(model.max_seq_length),
+                threads=self.threads,
+            )
+            worst = float(
+                np.min(np.sum(encoder.encode(list(PROBES)) * self._encode(list(PROBES)), 1))
+            )
+            if worst < MIN_COSINE:
+                raise ValueError(f"its vectors differ from the model's (cosine {worst:.4f})")
+        except Exception as exc:  # any failure leaves queries on torch, which works
+            log.warning("chat queries will be embedded with torch, not a fast copy: %s", exc)
+            return None
+        log.info("chat queries use %s (worst probe cosine %.5f)", built.name, worst)
+        return encoder
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         vectors = self._model.encode(
@@ -305,7 +376,10 @@ class LocalEmbedder(_ThreadedEmbedder):
         return normalize_rows(vectors)
 
     def _unload(self) -> None:
-        self._model = None
+        executor, self._query_executor = self._query_executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._model = self._query_model = None
 
 
 def _name_of(model: str | os.PathLike[str]) -> str:
@@ -344,37 +418,25 @@ class OnnxEmbedder(_ThreadedEmbedder):
         self.model_path = model_path
         self.tokenizer_path = tokenizer_path
         self.max_seq_length = max_seq_length
-        self._session: Any = None
-        self._tokenizer: Any = None
-        self._inputs: frozenset[str] = frozenset()
+        self._encoder: Any = None
 
     def _load(self) -> int:
         model_path, tokenizer_path = self._paths()
         try:
-            import onnxruntime as ort
-            from tokenizers import Tokenizer
+            from proxy.memory.query_model import OnnxEncoder, QueryModelError
         except ImportError as exc:
             raise EmbeddingError(
                 f"the ONNX embedder needs onnxruntime and tokenizers ({exc})"
             ) from exc
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        # The file ships with fixed padding/truncation at 128; the model takes 256.
-        tokenizer.enable_truncation(max_length=self.max_seq_length)
-        pad_id = tokenizer.token_to_id("[PAD]") or 0
-        tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        # Idle worker threads must not spin on a CPU shared with the event loop.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            session = ort.InferenceSession(
-                str(model_path), options, providers=["CPUExecutionProvider"]
+            self._encoder = OnnxEncoder(
+                model_path,
+                tokenizer_path,
+                max_seq_length=self.max_seq_length,
+                threads=self.threads,
             )
-        except Exception as exc:
-            raise EmbeddingError(f"could not load ONNX model {model_path}: {exc}") from exc
-        self._tokenizer, self._session = tokenizer, session
-        self._inputs = frozenset(i.name for i in session.get_inputs())
+        except (QueryModelError, ImportError) as exc:
+            raise EmbeddingError(str(exc)) from exc
         return int(self._encode(["dimension probe"]).shape[1])
 
     def _paths(self) -> tuple[Path, Path]:
@@ -400,19 +462,10 @@ class OnnxEmbedder(_ThreadedEmbedder):
         return model_path, tokenizer_path
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        encodings = self._tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in self._inputs:
-            feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
-        hidden = self._session.run(None, feeds)[0]
-        weights = mask[:, :, None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-        return normalize_rows(pooled)
+        return self._encoder.encode(texts)
 
     def _unload(self) -> None:
-        self._session = self._tokenizer = None
+        self._encoder = None
 
 
 class UpstreamEmbedder:
@@ -570,7 +623,11 @@ class CachedEmbedder:
         """The 1-D unit vector of one text, from the cache when it was seen recently."""
         vector = self._cache.get(text)
         if vector is None:
-            vector = (await self.inner.embed([text]))[0].copy()
+            embed_query = getattr(self.inner, "embed_query", None)
+            if embed_query is not None:
+                vector = np.array(await embed_query(text), dtype=np.float32)
+            else:
+                vector = (await self.inner.embed([text]))[0].copy()
             vector.setflags(write=False)
             self._cache[text] = vector
         return vector

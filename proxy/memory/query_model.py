@@ -1,0 +1,241 @@
+"""A fast copy of a local sentence-transformers model for chat queries.
+
+Every chat request waits for its query's embedding, so that one text is on the request
+path; the stored memories are embedded in the background, where throughput matters and
+latency does not. On this project's machine torch takes ~17 ms for a short question
+with all-MiniLM-L6-v2 (most of it per-op overhead), where ONNX Runtime runs the same
+network in ~6 ms, and in ~4 ms with 8-bit weights (which also fit the CPU cache where
+float32 ones do not): bench/embed_latency.py.
+
+`build_query_model` turns the loaded model into that file once (export with torch,
+fuse attention and layer norms with onnxruntime's transformer optimizer where the
+architecture is BERT's, quantize the weights of the matrix products to 8 bits in
+blocks, as ONNX Runtime's MatMulNBits) and keeps it in a cache directory under a key of
+the model's files and the tool versions. `OnnxEncoder` runs it (and the `onnx`
+backend's int8 file). The embedder checks its vectors against the torch model's own
+before using it (cosine >= `MIN_COSINE`), so the queries land in the space of the
+stored vectors; anything unexpected leaves queries on torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("mnemoproxy.embed")
+
+# Bump when the build steps change, so that files built the old way are not reused.
+RECIPE = 2
+# MatMulNBits block size. On short texts ("ok", "yes") the worst cosine to torch's
+# vectors was 0.9992 at 32 and 0.9976 at 64 (~0.5 ms faster); longer ones kept 0.9998.
+BLOCK_SIZE = 32
+# Below this cosine to the torch model's vectors the copy is not used.
+MIN_COSINE = 0.999
+PROBES = (
+    "Do you remember the lighthouse we found last winter?",
+    "*Mira looks up from the map and smiles.* Well met, traveler. The river road is "
+    "flooded again, so we will have to go through the old forest instead.",
+    "ok",
+)
+
+
+class QueryModelError(Exception):
+    """The model cannot be turned into a fast query model; the message says why."""
+
+
+def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str) -> Path:
+    """The cached 8-bit ONNX file of a loaded sentence-transformers model, built if needed.
+
+    Raises QueryModelError for a model this cannot copy faithfully: anything but a
+    transformer followed by mean pooling (and optionally normalisation), or a failed
+    export.
+    """
+    transformer = _check_pipeline(st_model)
+    target = cache_dir / f"{name}-{_key(model_dir)}.onnx"
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".building-") as tmp:
+        plain = Path(tmp) / "model.onnx"
+        _export(transformer, plain)
+        model = _optimize(plain, transformer.auto_model.config)
+        quantized = _quantize(model)
+        partial = Path(tmp) / "quantized.onnx"
+        quantized.save_model_to_file(str(partial))
+        os.replace(partial, target)  # atomic: a reader never sees half a file
+    log.info("built the fast query model %s", target)
+    return target
+
+
+def _check_pipeline(st_model: Any) -> Any:
+    """The model's transformer module, if the rest is mean pooling (+ normalise)."""
+    modules = list(st_model)
+    names = [type(m).__name__ for m in modules]
+    if names not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        raise QueryModelError(f"unsupported sentence-transformers pipeline {names}")
+    if getattr(modules[1], "pooling_mode", None) not in (None, "mean") or not getattr(
+        modules[1], "pooling_mode_mean_tokens", True
+    ):
+        raise QueryModelError("only mean pooling is supported")
+    return modules[0]
+
+
+def _key(model_dir: Path) -> str:
+    """What the file depends on: the model's files and the tools' versions."""
+    import onnxruntime
+    import torch
+
+    files = sorted(
+        (str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in model_dir.rglob("*")
+        if p.is_file()
+    )
+    material = [RECIPE, BLOCK_SIZE, str(model_dir.resolve()), files]
+    material += [torch.__version__, onnxruntime.__version__]
+    return hashlib.sha256(json.dumps(material).encode()).hexdigest()[:16]
+
+
+def _export(transformer: Any, path: Path) -> None:
+    import torch
+
+    model = transformer.auto_model.eval()
+    names = list(getattr(transformer.tokenizer, "model_input_names", ["input_ids"]))
+    names = [n for n in names if n in ("input_ids", "attention_mask", "token_type_ids")]
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.model(**dict(zip(names, inputs, strict=True))).last_hidden_state
+
+    ids = torch.tensor([[101, 2079, 2017, 3342, 102]])
+    sample = tuple(torch.zeros_like(ids) if n == "token_type_ids" else ids for n in names)
+    axes = {n: {0: "batch", 1: "tokens"} for n in [*names, "last_hidden_state"]}
+    # The eager attention exports as plain ops that the optimizer fuses into one
+    # Attention node (SDPA's export is not fused, and quantizes less faithfully).
+    previous = getattr(model.config, "_attn_implementation", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    try:
+        if setter is not None and previous not in (None, "eager"):
+            setter("eager")
+        with _quiet(), torch.inference_mode():
+            torch.onnx.export(
+                LastHidden(),
+                sample,
+                str(path),
+                input_names=names,
+                output_names=["last_hidden_state"],
+                dynamic_axes=axes,
+                opset_version=17,
+                dynamo=False,
+            )
+    except Exception as exc:  # any exporter failure: queries stay on torch
+        raise QueryModelError(f"could not export the model to ONNX: {exc!r}") from exc
+    finally:
+        if setter is not None and previous not in (None, "eager"):
+            setter(previous)
+
+
+def _optimize(path: Path, config: Any) -> Any:
+    """The exported graph with attention, layer norms and GELU fused (BERT-like models),
+    as an onnxruntime OnnxModel."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    if getattr(config, "model_type", None) != "bert":
+        return OnnxModel(onnx.load(str(path)))
+    with _quiet():
+        return optimize_model(
+            str(path),
+            model_type="bert",
+            num_heads=int(config.num_attention_heads),
+            hidden_size=int(config.hidden_size),
+            opt_level=1,
+        )
+
+
+def _quantize(model: Any) -> Any:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(
+            model.model, bits=8, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4
+        )
+        quantizer.process()
+    return quantizer.model
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter, optimizer and quantizer log every node at INFO; keep warnings."""
+    names = ("onnxruntime", "onnxruntime.quantization", "onnxruntime.transformers", "root")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+class OnnxEncoder:
+    """An ONNX text encoder: tokenize, run, mean-pool over the mask, L2-normalise."""
+
+    def __init__(
+        self, model_path: Path, tokenizer_path: Path, *, max_seq_length: int, threads: int
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        if not tokenizer_path.is_file():
+            raise QueryModelError(f"no tokenizer file {tokenizer_path}")
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        tokenizer.enable_truncation(max_length=max_seq_length)
+        pad_id = tokenizer.token_to_id("[PAD]") or 0
+        tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle worker threads must not spin on a CPU shared with the event loop.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise QueryModelError(f"could not load ONNX model {model_path}: {exc}") from exc
+        self.tokenizer = tokenizer
+        self.inputs = frozenset(i.name for i in self.session.get_inputs())
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit float32 rows, one per text."""
+        encodings = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.inputs:
+            feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        feeds = {k: v for k, v in feeds.items() if k in self.inputs}
+        hidden = self.session.run(None, feeds)[0]
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return np.ascontiguousarray(pooled / np.maximum(norms, 1e-12), dtype=np.float32)
