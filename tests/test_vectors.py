@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from proxy.memory import records, vectors
-from proxy.memory.db import Connection
+from proxy.memory.db import Connection, open_connection
 from proxy.memory.records import NewMemory, NewMessage
 from proxy.memory.store import Store
 from proxy.memory.vectors import EmbeddingModelMismatch
@@ -32,12 +32,23 @@ def near(v: np.ndarray, amount: float, salt: str) -> np.ndarray:
     return w / np.linalg.norm(w)
 
 
-@pytest.fixture(autouse=True, params=["floats cached", "floats read from SQLite"])
+@pytest.fixture(
+    autouse=True, params=["float32 cached", "float16 cached", "floats read from SQLite"]
+)
 def rescoring(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs with both ways of re-scoring KNN candidates exactly: from the
-    reader's cache of a small scope's vectors, and from SQLite (large scopes)."""
-    if request.param == "floats read from SQLite":
+    """Every test runs with each way of re-scoring KNN candidates: from the readers'
+    cache of a small scope's vectors (float32) or a large one's (float16), and from
+    SQLite (the largest scopes)."""
+    if request.param != "float32 cached":
         monkeypatch.setattr(vectors, "FLOAT_CACHE_ENTRIES", 0)
+    if request.param == "floats read from SQLite":
+        monkeypatch.setattr(vectors, "HALF_CACHE_ENTRIES", 0)
+
+
+@pytest.fixture
+def tolerance(request: pytest.FixtureRequest) -> float:
+    """How close a similarity is to the exact cosine: float16 vectors are within 1e-3."""
+    return 1e-3 if "float16" in request.node.callspec.params["rescoring"] else 1e-5
 
 
 @pytest.fixture
@@ -68,7 +79,7 @@ def _pack_entries(conn: Connection) -> int:
 # -- knn ---------------------------------------------------------------------------
 
 
-def test_knn_is_exact_for_small_scopes(store: Store) -> None:
+def test_knn_is_exact_for_small_scopes(store: Store, tolerance: float) -> None:
     scope = _scope(store, "chat")
     texts = [f"memory {i}" for i in range(60)]
     vecs = [fake_vec(t) for t in texts]
@@ -78,7 +89,8 @@ def test_knn_is_exact_for_small_scopes(store: Store) -> None:
     sims = np.stack(vecs) @ query
     expected = np.argsort(-sims)[:10]
     assert [h.memory_id for h in hits] == [ids[i] for i in expected]
-    assert [h.similarity for h in hits] == pytest.approx([float(sims[i]) for i in expected], 1e-5)
+    exact = [float(sims[i]) for i in expected]
+    assert [h.similarity for h in hits] == pytest.approx(exact, abs=tolerance)
     assert hits[0].memory_id == ids[7]
 
 
@@ -180,7 +192,9 @@ def test_edited_text_drops_the_old_vector_until_re_embedded(store: Store) -> Non
     assert store.read_sync(records.memories_to_embed, 10) == []
 
 
-def test_similarities_are_exact_for_every_memory_with_a_vector(store: Store) -> None:
+def test_similarities_are_exact_for_every_memory_with_a_vector(
+    store: Store, tolerance: float
+) -> None:
     scope = _scope(store, "chat")
     query = fake_vec("q")
     texts = [f"turn {i}" for i in range(40)]
@@ -195,7 +209,7 @@ def test_similarities_are_exact_for_every_memory_with_a_vector(store: Store) -> 
     sims = store.read_sync(vectors.similarities, scope, wanted, query)
     assert set(sims) == set(ids)  # no vector, no similarity
     for memory_id, vec in zip(ids, vecs, strict=True):
-        assert sims[memory_id] == pytest.approx(float(vec @ query), abs=1e-5)
+        assert sims[memory_id] == pytest.approx(float(vec @ query), abs=tolerance)
     assert store.read_sync(vectors.similarities, scope, [], query) == {}
 
 
@@ -215,7 +229,7 @@ def test_vectors_for_deleted_or_inactive_memories(store: Store) -> None:
     assert store.read_sync(vectors.knn, scope, fake_vec("b"), 3) == []
 
 
-def test_odd_dimensions_and_zero_vectors(store: Store) -> None:
+def test_odd_dimensions_and_zero_vectors(store: Store, tolerance: float) -> None:
     scope = _scope(store, "chat")
     vecs = [fake_vec(f"v{i}", 10) for i in range(5)] + [np.zeros(10, dtype=np.float32)]
     ids = store.write_sync(
@@ -223,7 +237,7 @@ def test_odd_dimensions_and_zero_vectors(store: Store) -> None:
     )
     store.write_sync(vectors.store_vectors, MODEL, zip(ids, vecs, strict=True))
     hits = store.read_sync(vectors.knn, scope, vecs[2], 6)
-    assert hits[0].memory_id == ids[2] and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].memory_id == ids[2] and hits[0].similarity == pytest.approx(1.0, abs=tolerance)
     assert len(hits) == 6
     with pytest.raises(ValueError, match="10-dimensional"):
         store.read_sync(vectors.knn, scope, fake_vec("x", 12), 3)
@@ -387,3 +401,50 @@ def test_a_new_word_is_found_at_once(store: Store) -> None:
     (named,) = _add(store, scope, ["her dog is called Biscuit"])
     for _ in range(3):  # whichever reader thread answers
         assert store.read_sync(vectors.keyword_search, scope, "Biscuit", 5)[0].memory_id == named
+
+
+def test_readers_of_one_database_share_the_vector_cache(tmp_path: Path) -> None:
+    with Store.open_sync(tmp_path / "memory.db") as store:
+        scope = _scope(store, "chat")
+        _add(store, scope, [f"turn {i}" for i in range(10)])
+    first = open_connection(tmp_path / "memory.db", readonly=True)
+    second = open_connection(tmp_path / "memory.db", readonly=True)
+    writer = open_connection(tmp_path / "memory.db")
+    other = open_connection(tmp_path / "other.db")
+    try:
+        hits = vectors.knn(first, scope, fake_vec("turn 3"), 3)
+        cache = vectors._cache_of(first)
+        assert scope in cache and vectors._cache_of(second) is cache
+        assert vectors.knn(second, scope, fake_vec("turn 3"), 3) == hits
+        # A writer may see what it has not committed yet: it keeps a cache of its own.
+        assert vectors._cache_of(writer) is not cache
+        assert vectors._cache_of(other) is not cache
+    finally:
+        for conn in (first, second, writer, other):
+            conn.close()
+
+
+def test_cached_vectors_stay_true_across_writes_in_chunks(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tolerance: float
+) -> None:
+    monkeypatch.setattr(vectors, "CHUNK_PACKS", 2)  # 2 packs of 512 entries a chunk
+    scope = _scope(store, "chat")
+    query = fake_vec("q")
+    texts = [f"turn {i}" for i in range(2100)]
+    vecs = [near(query, 0.5 + i / 1000, t) for i, t in enumerate(texts)]
+    ids = _add(store, scope, texts, vecs)
+    store.read_sync(vectors.knn, scope, query, 5)
+    # Appending fills the last pack; retracting and compacting rewrites the first one.
+    more = _add(store, scope, ["one more turn"], [query])
+    store.write_sync(records.retract_memories, scope, ids[:5])
+    store.write_sync(vectors.compact_vectors)
+    hits = store.read_sync(vectors.knn, scope, query, 20)
+    assert hits[0].memory_id == more[0]
+    exact = {m: float(v @ query) for m, v in zip(ids, vecs, strict=True)}
+    for hit in hits[1:]:  # each similarity true to its memory, the retracted ones gone
+        assert hit.memory_id in ids[5:]
+        assert hit.similarity == pytest.approx(exact[hit.memory_id], abs=tolerance)
+    wanted = [ids[0], ids[700], ids[1500], ids[2099], more[0]]
+    sims = store.read_sync(vectors.similarities, scope, wanted, query)
+    expected = [exact[m] for m in wanted[:-1]] + [1.0]
+    assert [sims[m] for m in wanted] == pytest.approx(expected, abs=tolerance)

@@ -127,6 +127,8 @@ def open_connection(
         _configure(conn, readonly=readonly, busy_timeout_ms=busy_timeout_ms)
         if check:
             quick_check(conn, path)
+        if readonly:  # readers never write, so they may share caches of what they read
+            conn._mnemo_shared_key = str(path.resolve())
     except BaseException as exc:
         conn.close()
         if isinstance(exc, driver.Error):

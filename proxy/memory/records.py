@@ -508,9 +508,8 @@ def list_memories(
         kinds = list(kinds)
         where.append(f"kind IN ({placeholders(kinds)})")
         params += kinds
-    if pinned is not None:
-        where.append("pinned = ?")
-        params.append(int(pinned))
+    if pinned is not None:  # a literal, so that SQLite can use the memories_pinned index
+        where.append("pinned = 1" if pinned else "pinned = 0")
     if before_id is not None:
         where.append("id < ?")
         params.append(before_id)

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -318,31 +320,60 @@ def knn(
     if columns.shape[0] != len(qbits):
         raise StoreError("stored vectors do not match the store's dimension; reset_vectors")
     distances = _hamming(columns, qbits)
+    stale_distance = columns.shape[0] * 64 + 1  # past any true distance: never a hit
     dirty = [(p[0], p[1]) for p in packs if p[2]]
     if dirty:  # mask entries that went stale since the last compaction
         live = np.fromiter((m for _, _, m in _live_slots(conn, [p for p, _ in dirty])), "<i8")
         for key in dirty:
             start, stop = loaded.spans[key]
             stale = ~np.isin(ids[start:stop], live)
-            distances[start:stop][stale] = _STALE
-    wanted = max(k * oversample, k)
-    hits: list[VectorHit] = []
-    # Normally one round; more only if candidates turn out inactive.
-    taken = 0
-    while taken < len(ids) and len(hits) < k:
-        upto = min(taken + wanted, len(ids))
-        if upto < len(ids):  # partial selection: only the next `wanted`, then order them
-            nearest = np.argpartition(distances, upto - 1)[:upto]
-            nearest = nearest[np.argsort(distances[nearest], kind="stable")][taken:]
-        else:
-            nearest = np.argsort(distances, kind="stable")[taken:]
-        if loaded.floats is not None:
-            hits += _rescore_cached(loaded, nearest, distances, query, k)
-        else:
-            hits += _rescore(conn, scope_id, ids[nearest].tolist(), query)
-        taken = upto
+            distances[start:stop][stale] = stale_distance
+    nearest = _nearest(distances, max(k * oversample, k), stale_distance)
+    hits = _rescored(conn, scope_id, loaded, nearest, query, k)
+    if len(hits) < k:  # candidates turned out inactive (never, normally): all the rest
+        rest = np.setdiff1d(np.flatnonzero(distances < stale_distance), nearest)
+        hits += _rescored(conn, scope_id, loaded, rest, query, k)
     hits.sort(key=lambda h: -h.similarity)
     return hits[:k]
+
+
+def _nearest(distances: np.ndarray, wanted: int, stale_distance: int) -> np.ndarray:
+    """The `wanted` entries of least distance (fewer if fewer are live), in entry order.
+
+    Distances are small integers, so a histogram finds the cut-off distance in one pass
+    where a partial sort of 100k entries took ~0.5 ms.
+    """
+    counts = np.cumsum(np.bincount(distances, minlength=stale_distance + 1)[:stale_distance])
+    wanted = min(wanted, int(counts[-1]))
+    if wanted <= 0:
+        return np.zeros(0, dtype=np.int64)
+    cut = int(np.searchsorted(counts, wanted))  # least d with `wanted` entries at <= d
+    inside = np.flatnonzero(distances < cut)
+    ties = np.flatnonzero(distances == cut)[: wanted - len(inside)]
+    return np.sort(np.concatenate([inside, ties]))
+
+
+def _rescored(
+    conn: Connection,
+    scope_id: int,
+    loaded: _ScopeBits,
+    entries: np.ndarray,
+    query: np.ndarray,
+    k: int,
+) -> list[VectorHit]:
+    """The best `k` of `entries` by their true similarity (cached vectors, else SQLite)."""
+    if not len(entries):
+        return []
+    if loaded.floats is None:
+        return _rescore(conn, scope_id, loaded.ids[entries].tolist(), query)
+    sims = _cached_sims(loaded, entries, query)
+    if len(sims) > k:  # the caller keeps k in all: build no more hits than that
+        best = np.argpartition(-sims, k - 1)[:k]
+        entries, sims = entries[best], sims[best]
+    return [
+        VectorHit(int(memory_id), float(sim))
+        for memory_id, sim in zip(loaded.ids[entries], sims, strict=True)
+    ]
 
 
 def _packs(conn: Connection, scope_id: int) -> list[tuple[int, int, int]]:
@@ -357,34 +388,62 @@ def _signature(conn: Connection, scope_id: int) -> tuple[tuple[int, int], ...]:
     return tuple((p[0], p[1]) for p in _packs(conn, scope_id))
 
 
+class _Chunk(NamedTuple):
+    """The cached vectors of a run of consecutive packs, in one array."""
+
+    packs: tuple[tuple[int, int], ...]  # (pack id, version) of each pack in the run
+    start: int  # its first entry among the scope's entries
+    rows: np.ndarray  # one row per entry (zero for an entry without a vector)
+
+
 def _scope_floats(
-    conn: Connection, loaded: _ScopeBits, old: _ScopeBits | None, width: int
-) -> dict[tuple[int, int], np.ndarray]:
-    """The float vectors of `loaded`'s entries, one array per pack version. Packs that
-    `old` (the scope's previous cache entry) holds are shared with it, not read or
-    copied: after a write, only the pack it touched is read again."""
-    kept = old.floats if old is not None and old.floats is not None else {}
-    floats: dict[tuple[int, int], np.ndarray] = {}
-    for key, (start, stop) in loaded.spans.items():
-        if start == stop:
+    conn: Connection, loaded: _ScopeBits, old: _ScopeBits | None, width: int, dtype: type
+) -> list[_Chunk]:
+    """The vectors of `loaded`'s entries as `dtype`, in chunks of `CHUNK_PACKS` packs.
+
+    A chunk whose packs `old` (the scope's previous cache entry) holds unchanged is
+    shared with it; a changed chunk copies its unchanged packs from `old` and reads only
+    the others from SQLite: after a write, one pack is read and one chunk copied.
+    """
+    shared: dict[tuple[tuple[int, int], ...], _Chunk] = {}
+    known: dict[tuple[int, int], np.ndarray] = {}  # pack -> its rows in `old`
+    previous = old.floats if old is not None and old.floats else []
+    for chunk in previous:
+        if chunk.rows.dtype != dtype or chunk.rows.shape[1] != width:
             continue
-        known = kept.get(key)
-        if known is not None and known.shape == (stop - start, width):
-            floats[key] = known
+        shared[chunk.packs] = chunk
+        for key in chunk.packs:
+            lo, hi = old.spans[key]  # type: ignore[union-attr]  # previous is old's
+            known[key] = chunk.rows[lo - chunk.start : hi - chunk.start]
+    chunks: list[_Chunk] = []
+    keys = list(loaded.signature)
+    for i in range(0, len(keys), CHUNK_PACKS):
+        packs = tuple(keys[i : i + CHUNK_PACKS])
+        start, stop = loaded.spans[packs[0]][0], loaded.spans[packs[-1]][1]
+        same = shared.get(packs)
+        if same is not None and len(same.rows) == stop - start:
+            chunks.append(_Chunk(packs, start, same.rows))
             continue
-        rows = floats[key] = np.zeros((stop - start, width), dtype=np.float32)
-        for slot, blob in conn.execute(
-            "SELECT slot, vector FROM embeddings WHERE pack = ?", (key[0],)
-        ):
-            if 0 <= slot < stop - start and len(blob) == width * 4:
-                rows[slot] = np.frombuffer(blob, dtype=np.float32)
-    return floats
+        rows = np.zeros((stop - start, width), dtype=dtype)
+        for key in packs:
+            lo, hi = loaded.spans[key]
+            before = known.get(key)
+            if before is not None and len(before) == hi - lo:
+                rows[lo - start : hi - start] = before
+                continue
+            for slot, blob in conn.execute(
+                "SELECT slot, vector FROM embeddings WHERE pack = ?", (key[0],)
+            ):
+                if 0 <= slot < hi - lo and len(blob) == width * 4:
+                    rows[lo - start + slot] = np.frombuffer(blob, dtype=np.float32)
+        chunks.append(_Chunk(packs, start, rows))
+    return chunks
 
 
 class _ScopeBits:
     """A scope's packed entries as of one set of pack versions (a reader's cache)."""
 
-    __slots__ = ("_positions", "columns", "floats", "ids", "signature", "spans", "starts")
+    __slots__ = ("_positions", "columns", "floats", "ids", "signature", "spans")
 
     def __init__(
         self,
@@ -397,11 +456,10 @@ class _ScopeBits:
         self.ids = ids  # memory ids, one per entry
         self.columns = columns  # sign bits: 64-bit words x entries (column-major)
         self.spans = spans  # (pack id, version) -> (start, stop) among the entries
-        self.starts = np.array([start for start, _ in spans.values()], dtype=np.int64)
         self._positions: dict[int, int] | None = None
-        # The entries' float vectors per pack version (rows in entry order; zero for
-        # an entry without a vector), for scopes of at most FLOAT_CACHE_ENTRIES.
-        self.floats: dict[tuple[int, int], np.ndarray] | None = None
+        # The entries' vectors in chunks of packs (rows in entry order): float32 up to
+        # FLOAT_CACHE_ENTRIES entries, float16 up to HALF_CACHE_ENTRIES, none above.
+        self.floats: list[_Chunk] | None = None
 
     def positions(self) -> dict[int, int]:
         """Memory id -> its entry (the newest, should a stale one remain), built once."""
@@ -411,26 +469,51 @@ class _ScopeBits:
 
     @property
     def nbytes(self) -> int:
-        floats = sum(a.nbytes for a in self.floats.values()) if self.floats else 0
+        floats = sum(c.rows.nbytes for c in self.floats) if self.floats else 0
         return int(self.ids.nbytes + self.columns.nbytes + floats)
 
 
-# Per connection: the packed bits of recently searched scopes, so that a search reads
-# only the packs that changed since the last one (a pack's (id, version) never names
-# two contents: ids are AUTOINCREMENT, every rewrite bumps the version).
-CACHE_BYTES = 64 * 1024 * 1024
-# The distance of an entry that went stale since its pack was written (never a hit).
-_STALE = np.iinfo(np.int32).max
-# A scope of at most this many entries also keeps its float vectors there (~1.5 KB
+# The packed bits (and vectors) of recently searched scopes, shared by the reader
+# connections of one database (per connection otherwise), so that a search reads only
+# the packs that changed since the last one (a pack's (id, version) never names two
+# committed contents: ids are AUTOINCREMENT, every rewrite bumps the version).
+CACHE_BYTES = 256 * 1024 * 1024
+# A scope of at most this many entries keeps its float32 vectors in the cache (~1.5 KB
 # each): re-scoring the Hamming candidates from memory instead of reading ~k*OVERSAMPLE
 # vectors from SQLite halves recall's time at 1k-10k memories (bench/memory.py).
 FLOAT_CACHE_ENTRIES = 20_000
+# A larger scope keeps them as float16 (768 bytes each: ~77 MB at 100k), up to this
+# many entries: at 100k memories reading the candidates' vectors from SQLite took ~7 ms
+# of recall's ~10 (bench/memory.py). Similarities are then within ~1e-3 of exact.
+HALF_CACHE_ENTRIES = 200_000
+# Cached vectors live in arrays of this many packs (~8k entries): few enough arrays to
+# gather candidates from quickly, small enough that a write copies little.
+CHUNK_PACKS = 16
 
 
-def _cache_of(conn: Connection) -> OrderedDict[int, _ScopeBits]:
+class _ScopeCache(OrderedDict[int, _ScopeBits]):
+    """Scope id -> its cached entries, least recently used first; `lock` guards the
+    dictionary (entries are immutable once built, and built outside the lock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+_SHARED: weakref.WeakValueDictionary[str, _ScopeCache] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def _cache_of(conn: Connection) -> _ScopeCache:
     cache = getattr(conn, "_mnemo_vector_cache", None)
     if cache is None:
-        cache = OrderedDict()
+        key = getattr(conn, "_mnemo_shared_key", None)  # set on readers by open_connection
+        with _SHARED_LOCK:
+            cache = _SHARED.get(key) if key else None
+            if cache is None:
+                cache = _ScopeCache()
+                if key:
+                    _SHARED[key] = cache
         # Connections from db.open_connection take attributes; others are not cached.
         with contextlib.suppress(AttributeError):
             conn._mnemo_vector_cache = cache
@@ -443,10 +526,11 @@ def _scope_bits(
     """The scope's entries for these pack versions, reading only packs not cached;
     `width` is the stored vectors' (the dimension padded to a multiple of 8)."""
     cache = _cache_of(conn)
-    old = cache.pop(scope_id, None)
-    if old is not None and old.signature == signature:
-        cache[scope_id] = old
-        return old
+    with cache.lock:
+        old = cache.get(scope_id)
+        if old is not None and old.signature == signature:
+            cache.move_to_end(scope_id)
+            return old
     known = old.spans if old is not None else {}
     fetched: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     for chunk in chunked([pack for pack, version in signature if (pack, version) not in known]):
@@ -481,49 +565,36 @@ def _scope_bits(
         np.ascontiguousarray(np.concatenate(bit_parts, axis=1)),
         spans,
     )
-    if len(loaded.ids) <= FLOAT_CACHE_ENTRIES:
-        loaded.floats = _scope_floats(conn, loaded, old, width)
-    cache[scope_id] = loaded
-    total = sum(entry.nbytes for entry in cache.values())
-    while total > CACHE_BYTES and len(cache) > 1:
-        total -= cache.popitem(last=False)[1].nbytes
+    if len(loaded.ids) <= HALF_CACHE_ENTRIES:
+        half = len(loaded.ids) > FLOAT_CACHE_ENTRIES
+        loaded.floats = _scope_floats(conn, loaded, old, width, np.float16 if half else np.float32)
+    with cache.lock:
+        cache[scope_id] = loaded
+        cache.move_to_end(scope_id)
+        total = sum(entry.nbytes for entry in cache.values())
+        while total > CACHE_BYTES and len(cache) > 1:
+            total -= cache.popitem(last=False)[1].nbytes
     return loaded
 
 
-def _rescore_cached(
-    loaded: _ScopeBits, entries: np.ndarray, distances: np.ndarray, query: np.ndarray, k: int
-) -> list[VectorHit]:
-    """`_rescore` from the cached float vectors, the best `k` only: exact cosines (stored
-    vectors are unit length, or zero) of the entries that are still true (stale ones
-    were given the largest distance)."""
-    live = entries[distances[entries] != _STALE]
-    sims = _cached_sims(loaded, live, query)
-    if len(sims) > k:  # the caller keeps k in all: build no more hits than that
-        best = np.argpartition(-sims, k - 1)[:k]
-        live, sims = live[best], sims[best]
-    return [
-        VectorHit(int(memory_id), float(sim))
-        for memory_id, sim in zip(loaded.ids[live], sims, strict=True)
-    ]
-
-
 def _cached_sims(loaded: _ScopeBits, entries: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Dot products of the query with the cached float vectors of `entries` (indices
-    among the scope's entries), in the order given."""
+    """Dot products of the query with the cached vectors of `entries` (indices among the
+    scope's entries), in the order given."""
     assert loaded.floats is not None
     sims = np.zeros(len(entries), dtype=np.float32)
-    if not len(entries):
+    if not len(entries) or not loaded.floats:
         return sims
-    # Visit the packs in entry order, each with the run of sorted entries inside it.
+    # Visit the chunks in entry order, each with the run of sorted entries inside it,
+    # and convert all gathered rows at once.
     order = np.argsort(entries, kind="stable")
     ordered = entries[order]
-    bounds = np.searchsorted(ordered, loaded.starts)
-    for (key, (start, _)), lo, hi in zip(
-        loaded.spans.items(), bounds, [*bounds[1:], len(ordered)], strict=True
-    ):
-        rows = loaded.floats.get(key)
-        if hi > lo and rows is not None:
-            sims[order[lo:hi]] = rows[ordered[lo:hi] - start] @ query
+    bounds = np.searchsorted(ordered, [c.start for c in loaded.floats]).tolist()
+    parts = [
+        chunk.rows[ordered[lo:hi] - chunk.start]
+        for chunk, lo, hi in zip(loaded.floats, bounds, [*bounds[1:], len(ordered)], strict=True)
+        if hi > lo
+    ]
+    sims[order] = np.concatenate(parts).astype(np.float32, copy=False) @ query
     return sims
 
 
