@@ -4,6 +4,7 @@
     .venv/bin/python bench/recall.py DATA.json.xz --size 0         # every question
     .venv/bin/python bench/recall.py DATA.json.xz --prefill 2      # embed the subset first,
                                                                    # in 2 processes
+    .venv/bin/python bench/recall.py DATA.json.xz --ttfb-only      # added TTFB only
 
 For each question of a fixed, seeded, stratified subset (`bench/longmemeval.py`):
 
@@ -419,8 +420,9 @@ def ask(
 
 def first_byte(
     client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str]
-) -> float:
-    """Seconds from sending a streamed chat request to its first body byte."""
+) -> tuple[float, str | None]:
+    """Seconds from sending a streamed chat request to its first body byte, and the
+    proxy's request id (None straight to the upstream)."""
     started = time.perf_counter()
     with client.stream("POST", url, json=body, headers=headers, timeout=120) as response:
         response.raise_for_status()
@@ -430,7 +432,17 @@ def first_byte(
                 elapsed = time.perf_counter() - started
         if elapsed is None:
             raise RuntimeError("empty response")
-    return elapsed
+    return elapsed, response.headers.get("x-memory-request-id")
+
+
+def step_medians(client: httpx.Client, proxy_url: str, request_ids: list[str]) -> dict[str, float]:
+    """Median milliseconds of each step of the memory layer (the request log's timings)."""
+    steps: dict[str, list[float]] = {}
+    for request_id in request_ids:
+        entry = client.get(f"{proxy_url}/memory/requests/{request_id}", timeout=60).json()
+        for name, ms in entry.get("detail", entry).get("timings", {}).items():
+            steps.setdefault(name, []).append(ms)
+    return {name: round(float(np.median(values)), 2) for name, values in steps.items()}
 
 
 def measure_ttfb(
@@ -458,7 +470,9 @@ def measure_ttfb(
         if time.monotonic() > deadline:
             raise TimeoutError(f"the proxy's embedder did not load: {probe.headers}")
         time.sleep(1)
-    direct, proxied = [], []
+    direct: list[float] = []
+    proxied: list[float] = []
+    request_ids: list[str] = []
     for i in range(rounds):
         q = queries[i % len(queries)]
         text = q["question"] if i < len(queries) else f"{q['question']} ({i})"
@@ -478,7 +492,10 @@ def measure_ttfb(
         if i % 2:
             pair.reverse()
         for name, url, h in pair:
-            (direct if name == "direct" else proxied).append(first_byte(client, url, body, h))
+            elapsed, request_id = first_byte(client, url, body, h)
+            (direct if name == "direct" else proxied).append(elapsed)
+            if name == "proxy" and request_id:
+                request_ids.append(request_id)
     added = sorted(p - d for p, d in zip(proxied, direct, strict=True))
 
     def pct(values: list[float], p: float) -> float:
@@ -491,6 +508,7 @@ def measure_ttfb(
         "proxy_p50_ms": pct(proxied, 0.5),
         "added_p50_ms": pct(added, 0.5),
         "added_p95_ms": pct(added, 0.95),
+        "steps_p50_ms": step_medians(client, proxy_url, request_ids),
     }
 
 
@@ -544,7 +562,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         run_server(embedding_app(args.model, cache, served), log_level="error") as embed,
         httpx.Client(trust_env=False) as client,
     ):
-        for number, cap in enumerate(args.caps):
+        for number, cap in enumerate([] if args.ttfb_only else args.caps):
             port = free_port()
             config = proxy_config(
                 RESULTS / f"recall-{cap}.toml",
@@ -575,7 +593,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             summary = lme.aggregate(rows)
             out["passes"][str(cap)] = {"summary": summary, "rows": rows, "import_s": import_s}
             print_table(cap, summary)
-        if args.ttfb:
+        if args.ttfb or args.ttfb_only:
             out["ttfb"] = run_ttfb(args, client, up, embed.url, db, chosen)
     out["seconds"] = round(time.perf_counter() - started, 1)
     out["embeddings"] = {
@@ -621,12 +639,11 @@ def run_ttfb(
     scope = scope_name(chosen[0])
     log = RESULTS / "recall-proxy-ttfb.log"
     with running_proxy(config, port, log, Path(args.proxy_root or ROOT)) as url:
-        if own_db:  # its model embeds the haystack itself, once
-            if not has_scope(client, url, chosen[0]):
-                import_haystack(client, url, chosen[0])
-            wait_for_jobs(client, url, scope)
+        if not has_scope(client, url, chosen[0]):  # its model embeds the haystack, once
+            import_haystack(client, url, chosen[0])
+        wait_for_jobs(client, url, scope)
         view = client.get(f"{url}/memory/scopes/{scope}", timeout=60).json()
-        result = measure_ttfb(client, url, up.url, scope, chosen, args.ttfb)
+        result = measure_ttfb(client, url, up.url, scope, chosen, args.ttfb or 120)
     result.update(
         backend=backend,
         scope=scope,
@@ -636,8 +653,9 @@ def run_ttfb(
     )
     print(
         f"\nadded TTFB ({backend}, {result['messages']} messages / {result['memories']} memories, "
-        f"{args.ttfb} paired rounds): p50 {result['added_p50_ms']} ms, "
-        f"p95 {result['added_p95_ms']} ms (direct p50 {result['direct_p50_ms']} ms)"
+        f"{result['rounds']} paired rounds): p50 {result['added_p50_ms']} ms, "
+        f"p95 {result['added_p95_ms']} ms (direct p50 {result['direct_p50_ms']} ms)\n"
+        f"memory steps, p50 ms: {json.dumps(result['steps_p50_ms'])}"
     )
     return result
 
@@ -667,7 +685,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--ttfb", type=int, default=0, metavar="N", help="then measure added TTFB, N rounds"
     )
-    parser.add_argument("--ttfb-backend", choices=["onnx", "sentence-transformers"], default="onnx")
+    parser.add_argument(
+        "--ttfb-only",
+        action="store_true",
+        help="skip the recall passes: import the first question's haystack (if missing) "
+        "and measure added TTFB only (--ttfb rounds, default 120)",
+    )
+    parser.add_argument(
+        "--ttfb-backend",
+        choices=["onnx", "sentence-transformers"],
+        default="sentence-transformers",
+        help="the proxy's own embedder for the TTFB measurement (default: the default one)",
+    )
     parser.add_argument("--model", choices=sorted(MODELS), default="onnx")
     parser.add_argument(
         "--prefill",
