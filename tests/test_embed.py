@@ -376,3 +376,19 @@ def test_queries_stay_on_torch_when_the_copy_cannot_be_made(
         assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
     finally:
         asyncio.run(embedder.close())
+
+
+@pytest.mark.model
+def test_a_damaged_copy_in_the_cache_is_built_again(
+    fast_embedder: LocalEmbedder, query_cache: Path, tmp_path: Path
+) -> None:
+    (built,) = query_cache.glob("*.onnx")
+    damaged = tmp_path / built.name  # same model and tools: the same file name
+    damaged.write_bytes(built.read_bytes()[: 1 << 20])  # cut short, as by a full disk
+    embedder = LocalEmbedder(query_cache=tmp_path)
+    asyncio.run(embedder.start())
+    try:
+        assert embedder.fast_queries
+        assert damaged.stat().st_size > 1 << 20  # built again, whole
+    finally:
+        asyncio.run(embedder.close())

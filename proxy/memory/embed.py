@@ -344,16 +344,25 @@ class LocalEmbedder(_ThreadedEmbedder):
                 MIN_COSINE,
                 PROBES,
                 OnnxEncoder,
+                QueryModelError,
                 build_query_model,
             )
 
+            def load(built: Path) -> OnnxEncoder:
+                return OnnxEncoder(
+                    built,
+                    path / "tokenizer.json",
+                    max_seq_length=int(model.max_seq_length),
+                    threads=self.threads,
+                )
+
             built = build_query_model(model, path, self.query_cache, self.model_id)
-            encoder = OnnxEncoder(
-                built,
-                path / "tokenizer.json",
-                max_seq_length=int(model.max_seq_length),
-                threads=self.threads,
-            )
+            try:
+                encoder = load(built)
+            except QueryModelError:  # a damaged file in the cache: build it again, once
+                built.unlink(missing_ok=True)
+                built = build_query_model(model, path, self.query_cache, self.model_id)
+                encoder = load(built)
             worst = float(
                 np.min(np.sum(encoder.encode(list(PROBES)) * self._encode(list(PROBES)), 1))
             )
