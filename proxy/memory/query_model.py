@@ -208,6 +208,8 @@ class OnnxEncoder:
         if not tokenizer_path.is_file():
             raise QueryModelError(f"no tokenizer file {tokenizer_path}")
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        # A tokenizer.json may ship with its own fixed truncation (128 for MiniLM's);
+        # the model takes `max_seq_length` (256), as sentence-transformers does.
         tokenizer.enable_truncation(max_length=max_seq_length)
         pad_id = tokenizer.token_to_id("[PAD]") or 0
         tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]")

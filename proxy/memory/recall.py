@@ -1,10 +1,13 @@
 """Reading what a request may be reminded of: recalled memories and the scope's
 standing context.
 
-`scope_context` and `recall` run on a reader thread (`Store.read`), each in one
-snapshot, so a request costs two short trips off the event loop: the scope's context
-(summary, style sample, pinned notes) and, once the query is embedded, the search
-(`find_candidates`) and its ranking (`proxy.memory.rank`).
+Each runs on a reader thread (`Store.read`), in one snapshot. A request makes three
+short trips off the event loop: while its query is being embedded, the scope's context
+(`scope_context`: summary, style sample, pinned notes) and the half of the search that
+needs no vector (`look_up`: keyword hits, their neighbouring turns, a span's memories);
+once the vector is there, the vector half and the ranking (`recall`, `proxy.memory.rank`).
+A memory written between the two halves may be missed by the first: it is found by the
+second, or by the next request.
 """
 
 from __future__ import annotations
