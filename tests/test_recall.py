@@ -159,6 +159,3 @@ def test_recall_gives_the_same_answer_with_its_lookup_done_while_the_query_embed
     assert list(lookup.ranks) == [ids["the zeppelin landed in Lisbon"]]
     assert lookup.span is not None and ids["we talked about topic 59"] in lookup.span_ids
     assert store.read_sync(recall, scope, q, lookup) == alone
-    # ... and with the KNN hits found beside the lookup, on another reader.
-    nearest = store.read_sync(vectors.knn, scope, query, q.candidates)
-    assert store.read_sync(recall, scope, q, lookup, nearest) == alone

@@ -119,19 +119,14 @@ def look_up(
 
 
 def recall(
-    conn: Connection,
-    scope_id: int,
-    query: RecallQuery,
-    lookup: Lookup | None = None,
-    nearest: Sequence[vectors.VectorHit] | None = None,
+    conn: Connection, scope_id: int, query: RecallQuery, lookup: Lookup | None = None
 ) -> list[Recalled]:
     """The memories to remind the model of, best first (see `rank`).
 
     A span of time the query names ("last Saturday", "in March") brings in the
     memories of that span and favours them (`Weights.time`); `Weights.context` turns
     on neighbouring turns (`find_candidates`). `lookup`: this query's `look_up`, done
-    beforehand (in the same scope); without it, it is done here. `nearest`: the query
-    vector's `vectors.knn` hits (`query.candidates` of them), if already found.
+    beforehand (in the same scope); without it, it is done here.
     """
     w = query.weights
     if lookup is None:
@@ -143,7 +138,7 @@ def recall(
             now=query.now if w.time > 0 else None,
             context=w.context > 0,
         )
-    candidates = _candidates(conn, scope_id, query.vector, query.candidates, lookup, nearest)
+    candidates = _candidates(conn, scope_id, query.vector, query.candidates, lookup)
     return rank(
         candidates,
         now=query.now,
@@ -181,22 +176,14 @@ def find_candidates(
 
 
 def _candidates(
-    conn: Connection,
-    scope_id: int,
-    query_vec: np.ndarray | None,
-    k: int,
-    lookup: Lookup,
-    nearest: Sequence[vectors.VectorHit] | None = None,
+    conn: Connection, scope_id: int, query_vec: np.ndarray | None, k: int, lookup: Lookup
 ) -> list[Candidate]:
-    """`find_candidates` from a lookup (and the KNN hits, if known): the vector half,
-    then the merge."""
+    """`find_candidates` from a lookup: the vector half, then the merge."""
     ranks = lookup.ranks
     adjacent = {m: list(ns) for m, ns in lookup.adjacent.items()}
     sims: dict[int, float] = {}
     if query_vec is not None:
-        if nearest is None:
-            nearest = vectors.knn(conn, scope_id, query_vec, k)
-        sims = {hit.memory_id: hit.similarity for hit in nearest}
+        sims = {hit.memory_id: hit.similarity for hit in vectors.knn(conn, scope_id, query_vec, k)}
         if lookup.span_ids:
             span_sims = vectors.similarities(conn, scope_id, lookup.span_ids, query_vec)
             for memory_id in sorted(span_sims, key=lambda m: -span_sims[m])[:k]:

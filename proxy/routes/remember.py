@@ -27,7 +27,7 @@ from proxy.inject.budget import Trim, compute_budget, trim_history
 from proxy.inject.place import place_block
 from proxy.inject.templates import Templates
 from proxy.inject.tokens import TokenCounter, encoding_for_model
-from proxy.memory import records, vectors
+from proxy.memory import records
 from proxy.memory.embed import CachedEmbedder
 from proxy.memory.rank import Weights
 from proxy.memory.recall import (
@@ -342,13 +342,6 @@ class Remember:
         in_window = {sid for index, sid in alignment.matched if index in set(trim.kept)}
         exclude = frozenset(in_window | set(alignment.undone))
         q = RecallQuery(query, vector, now, self.weights, rec.candidates, rec.limit, exclude)
-        if vector is not None and not lookup.done():
-            # The keyword half is still running (a large scope): search the vectors
-            # beside it, on the other reader, rather than after it.
-            hits, found = await asyncio.gather(
-                self.store.read(vectors.knn, scope_id, vector, rec.candidates), lookup
-            )
-            return await self.store.read(recall, scope_id, q, found, hits)
         return await self.store.read(recall, scope_id, q, await lookup)
 
     def _compose(
