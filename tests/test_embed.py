@@ -379,16 +379,19 @@ def test_queries_stay_on_torch_when_the_copy_cannot_be_made(
 
 
 @pytest.mark.model
-def test_a_damaged_copy_in_the_cache_is_built_again(
+def test_a_damaged_copy_is_built_again_and_old_copies_go(
     fast_embedder: LocalEmbedder, query_cache: Path, tmp_path: Path
 ) -> None:
     (built,) = query_cache.glob("*.onnx")
     damaged = tmp_path / built.name  # same model and tools: the same file name
     damaged.write_bytes(built.read_bytes()[: 1 << 20])  # cut short, as by a full disk
+    older = tmp_path / "all-MiniLM-L6-v2-0123456789abcdef.onnx"  # of an older torch, say
+    older.write_bytes(b"an old copy")
     embedder = LocalEmbedder(query_cache=tmp_path)
     asyncio.run(embedder.start())
     try:
         assert embedder.fast_queries
         assert damaged.stat().st_size > 1 << 20  # built again, whole
+        assert not older.exists()  # copies of other versions are not kept
     finally:
         asyncio.run(embedder.close())

@@ -73,6 +73,9 @@ def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str
         quantized.save_model_to_file(str(partial))
         os.replace(partial, target)  # atomic: a reader never sees half a file
     log.info("built the fast query model %s", target)
+    for stale in cache_dir.glob(f"{name}-*.onnx"):  # built by other versions: ~60 MB each
+        if stale != target:
+            stale.unlink(missing_ok=True)
     return target
 
 
