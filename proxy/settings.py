@@ -248,7 +248,7 @@ class EmbeddingSettings(_Section):
         default=True,
         description="backend=sentence-transformers: embed chat queries with a copy of the "
         "model on ONNX Runtime with 8-bit weights (built once, cached; used only if its "
-        "vectors match the model's to cosine 0.999): ~4x faster per request.",
+        "vectors match the model's to cosine 0.999): ~4x faster per query.",
     )
     batch_size: int = Field(default=32, ge=1, le=1024, description="Texts per embedding batch.")
     cache_size: int = Field(default=2048, ge=0, description="Query embeddings kept in memory.")

@@ -270,7 +270,8 @@ class LocalEmbedder(_ThreadedEmbedder):
 
     `query_cache`: a directory for a fast copy of the model (8-bit weights on ONNX
     Runtime, `proxy.memory.query_model`) that `embed_query` uses, on a thread of its
-    own, once its vectors were checked against the model's; None: queries run on torch.
+    own, once its vectors were checked against the model's; None (or a device other
+    than the CPU): queries run on torch.
     """
 
     def __init__(
@@ -330,7 +331,7 @@ class LocalEmbedder(_ThreadedEmbedder):
         # Newer sentence-transformers renamed get_sentence_embedding_dimension.
         dimension = getattr(model, "get_embedding_dimension", None)
         dim = int((dimension or model.get_sentence_embedding_dimension)())
-        if self.query_cache is not None:
+        if self.query_cache is not None and self.device == "cpu":  # a GPU is fast already
             self._query_model = self._fast_copy(model, path)
             if self._query_model is not None:
                 self._query_executor = ThreadPoolExecutor(1, thread_name_prefix="embed-query")
