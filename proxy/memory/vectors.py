@@ -1,4 +1,4 @@
-"""Vectors and search: a bit-packed KNN scan with exact re-scoring, and FTS5 keyword search.
+"""Vectors and search: a bit-packed KNN scan with re-scoring, and FTS5 keyword search.
 
 Vector layout (numbers from bench/knn.py, real MiniLM vectors):
 - ``embeddings(memory_id, vector, pack, slot)``: each memory's unit float32 vector,
@@ -6,9 +6,12 @@ Vector layout (numbers from bench/knn.py, real MiniLM vectors):
 - ``vector_packs(scope_id, ids, bits, dirty)``: the sign bits of the active
   memories' vectors, packed per scope in blobs of up to ``PACK_SIZE`` entries.
 - ``knn`` reads the scope's packs (a few blobs, not one row per memory), ranks every
-  entry by Hamming distance in numpy, re-scores the best ``k * OVERSAMPLE`` exactly
-  with sqlite-vec's ``vec_distance_cosine`` over the float vectors, and returns the
-  best ``k`` with their true cosine similarities (higher = more similar).
+  entry by Hamming distance in numpy, re-scores the best ``k * OVERSAMPLE`` with their
+  vectors, and returns the best ``k`` with their cosine similarities (higher = more
+  similar). The vectors come from a cache the readers of a database share: float32
+  (exact) for scopes up to ``FLOAT_CACHE_ENTRIES``, float16 (within ~1e-3) up to
+  ``HALF_CACHE_ENTRIES``; larger scopes re-score with sqlite-vec's
+  ``vec_distance_cosine`` over the stored float32 vectors.
 
 Why not a sqlite-vec ``vec0`` bit table: its KNN (0.1.9) selects the top k of each
 chunk in O(k * n), so the oversampled k that bit quantization needs is what costs:
@@ -303,7 +306,8 @@ def knn(
 ) -> list[VectorHit]:
     """The ``k`` active memories of the scope nearest to ``query_vec``, best first.
 
-    Similarities are exact cosines. An empty list when nothing is embedded yet.
+    Similarities are cosines: exact, or within ~1e-3 for a scope whose cached vectors
+    are float16 (see the module's docstring). An empty list when nothing is embedded yet.
     """
     model = embedding_model(conn)
     if k <= 0 or model is None:
@@ -441,7 +445,7 @@ def _scope_floats(
 
 
 class _ScopeBits:
-    """A scope's packed entries as of one set of pack versions (a reader's cache)."""
+    """A scope's packed entries as of one set of pack versions (the readers' cache)."""
 
     __slots__ = ("_positions", "columns", "floats", "ids", "signature", "spans")
 
