@@ -204,6 +204,7 @@ def _candidates(
         sims.update(vectors.similarities(conn, scope_id, missing, query_vec))
     rows = dict(lookup.rows)
     rows.update(_load_rows(conn, scope_id, [i for i in ids if i not in rows]))
+    context = {m: max(sims.get(n, 0.0) for n in ns) for m, ns in adjacent.items() if ns}
     return [
         Candidate(
             memory_id=row.id,
@@ -216,7 +217,7 @@ def _candidates(
             source_ids=row.sources,
             speaker=row.speaker,
             role=row.role,
-            context_sim=max((sims.get(n, 0.0) for n in adjacent.get(row.id, ())), default=None),
+            context_sim=context.get(row.id),
         )
         for row in (rows[i] for i in ids if i in rows)
         if not row.pinned
