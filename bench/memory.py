@@ -276,7 +276,9 @@ def labelled_copy(db: Path, backend: str) -> Path:
     return copy
 
 
-def measure_overhead(upstream: str, db: Path, backend: str, requests: int) -> dict[str, float]:
+def measure_overhead(
+    upstream: str, db: Path, backend: str, requests: int, pause: float = 0.0
+) -> dict[str, float]:
     history = [
         ("user" if i % 2 == 0 else "assistant", f"Turn {i}: we follow the river road north.")
         for i in range(20)
@@ -318,7 +320,10 @@ def measure_overhead(upstream: str, db: Path, backend: str, requests: int) -> di
             ]
             if i % 2:
                 pair.reverse()
-            got = {name: ttfb(u, body, h) for name, u, h in pair}
+            got = {}
+            for name, u, h in pair:
+                time.sleep(pause)  # a chat's requests come seconds apart; 0: back to back
+                got[name] = ttfb(u, body, h)
             direct.append(got["direct"])
             through.append(got["proxy"])
             added.append(got["proxy"] - got["direct"])
@@ -433,6 +438,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", default="10000,100000", help="memories in the scope for (a)")
     parser.add_argument("--requests", type=int, default=200, help="paired requests per size")
     parser.add_argument("--backend", default="sentence-transformers", help="embedding backend")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        help="seconds of quiet before each request of (a) (0: back to back, where a request "
+        "shares the CPU with the recording of the one before)",
+    )
     parser.add_argument("--token-turns", type=int, default=200, help="turns of the chat in (b)")
     parser.add_argument("--embed-turns", type=int, default=1000, help="turns imported in (c)")
     parser.add_argument("--skip-tokens", action="store_true")
@@ -447,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             build_scope_db(db, size)
             run_db = labelled_copy(db, args.backend)
             results["overhead"][size] = measure_overhead(
-                upstream, run_db, args.backend, args.requests
+                upstream, run_db, args.backend, args.requests, args.pause
             )
             print(f"(a) {size} memories: {json.dumps(results['overhead'][size])}", file=sys.stderr)
         scratch = RESULTS / "memory-bench-scratch.db"
