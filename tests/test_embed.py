@@ -387,11 +387,14 @@ def test_a_damaged_copy_is_built_again_and_old_copies_go(
     damaged.write_bytes(built.read_bytes()[: 1 << 20])  # cut short, as by a full disk
     older = tmp_path / "all-MiniLM-L6-v2-0123456789abcdef.onnx"  # of an older torch, say
     older.write_bytes(b"an old copy")
+    other = tmp_path / "all-MiniLM-L6-v2-custom-0123456789abcdef.onnx"  # another model's
+    other.write_bytes(b"another model's copy")
     embedder = LocalEmbedder(query_cache=tmp_path)
     asyncio.run(embedder.start())
     try:
         assert embedder.fast_queries
         assert damaged.stat().st_size > 1 << 20  # built again, whole
         assert not older.exists()  # copies of other versions are not kept
+        assert other.exists()
     finally:
         asyncio.run(embedder.close())

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,8 +74,11 @@ def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str
         quantized.save_model_to_file(str(partial))
         os.replace(partial, target)  # atomic: a reader never sees half a file
     log.info("built the fast query model %s", target)
-    for stale in cache_dir.glob(f"{name}-*.onnx"):  # built by other versions: ~60 MB each
-        if stale != target:
+    # Copies of this model built by other versions (~60 MB each); the exact pattern
+    # spares another model whose name merely starts with this one's.
+    own = re.compile(re.escape(name) + r"-[0-9a-f]{16}\.onnx")
+    for stale in cache_dir.glob(f"{name}-*.onnx"):
+        if stale != target and own.fullmatch(stale.name):
             stale.unlink(missing_ok=True)
     return target
 
