@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from proxy.memory.embed import normalize_rows
+
 log = logging.getLogger("mnemoproxy.embed")
 
 # Bump when the build steps change, so that files built the old way are not reused.
@@ -246,5 +248,4 @@ class OnnxEncoder:
         hidden = self.session.run(None, feeds)[0]
         weights = mask[:, :, None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        return np.ascontiguousarray(pooled / np.maximum(norms, 1e-12), dtype=np.float32)
+        return normalize_rows(pooled)

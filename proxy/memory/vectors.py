@@ -608,8 +608,9 @@ def similarities(
     memory_ids: Sequence[int],
     query_vec: Sequence[float] | np.ndarray,
 ) -> dict[int, float]:
-    """Exact cosine similarity to the query of those of `memory_ids` that have a vector
-    (any state). The scope's cached float vectors serve what they hold; SQLite the rest."""
+    """Cosine similarity to the query of those of `memory_ids` that have a vector (any
+    state). The scope's cached vectors serve what they hold (float16 ones within ~1e-3);
+    SQLite the rest, exactly."""
     model = embedding_model(conn)
     if not memory_ids or model is None:
         return {}
