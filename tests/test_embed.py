@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -350,12 +351,12 @@ def test_the_fast_copy_is_built_once_and_reused(
 ) -> None:
     built = list(query_cache.glob("*.onnx"))
     assert len(built) == 1 and built[0].name.startswith("all-MiniLM-L6-v2-")
-    stamp = built[0].stat().st_mtime_ns
+    inode = built[0].stat().st_ino  # a rebuilt file replaces it: a new inode
     again = LocalEmbedder(query_cache=query_cache)
     asyncio.run(again.start())
     try:
         assert again.fast_queries
-        assert list(query_cache.glob("*.onnx")) == built and built[0].stat().st_mtime_ns == stamp
+        assert list(query_cache.glob("*.onnx")) == built and built[0].stat().st_ino == inode
         assert not [p for p in query_cache.iterdir() if p.name.startswith(".building")]
     finally:
         asyncio.run(again.close())
@@ -387,6 +388,10 @@ def test_a_damaged_copy_is_built_again_and_old_copies_go(
     damaged.write_bytes(built.read_bytes()[: 1 << 20])  # cut short, as by a full disk
     older = tmp_path / "all-MiniLM-L6-v2-0123456789abcdef.onnx"  # of an older torch, say
     older.write_bytes(b"an old copy")
+    unused = time.time() - 40 * 86_400
+    os.utime(older, (unused, unused))
+    recent = tmp_path / "all-MiniLM-L6-v2-fedcba9876543210.onnx"  # another install's
+    recent.write_bytes(b"a copy still in use")
     other = tmp_path / "all-MiniLM-L6-v2-custom-0123456789abcdef.onnx"  # another model's
     other.write_bytes(b"another model's copy")
     embedder = LocalEmbedder(query_cache=tmp_path)
@@ -394,7 +399,7 @@ def test_a_damaged_copy_is_built_again_and_old_copies_go(
     try:
         assert embedder.fast_queries
         assert damaged.stat().st_size > 1 << 20  # built again, whole
-        assert not older.exists()  # copies of other versions are not kept
-        assert other.exists()
+        assert not older.exists()  # unused copies of other versions are not kept
+        assert recent.exists() and other.exists()
     finally:
         asyncio.run(embedder.close())

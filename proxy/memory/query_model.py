@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ RECIPE = 2
 # MatMulNBits block size. On short texts ("ok", "yes") the worst cosine to torch's
 # vectors was 0.9992 at 32 and 0.9976 at 64 (~0.5 ms faster); longer ones kept 0.9998.
 BLOCK_SIZE = 32
+# A copy built by other versions of the model or tools is removed once unused this long.
+UNUSED_DAYS = 30
 # Below this cosine to the torch model's vectors the copy is not used.
 MIN_COSINE = 0.999
 PROBES = (
@@ -65,6 +68,7 @@ def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str
     transformer = _check_pipeline(st_model)
     target = cache_dir / f"{name}-{_key(model_dir)}.onnx"
     if target.is_file():
+        os.utime(target)  # in use: see the clean-up below
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".building-") as tmp:
@@ -76,12 +80,16 @@ def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str
         quantized.save_model_to_file(str(partial))
         os.replace(partial, target)  # atomic: a reader never sees half a file
     log.info("built the fast query model %s", target)
-    # Copies of this model built by other versions (~60 MB each); the exact pattern
-    # spares another model whose name merely starts with this one's.
+    # Copies of this model built by other versions (~60 MB each) that no install has
+    # used for a while: another install sharing the cache keeps its own copy fresh. The
+    # exact pattern spares another model whose name merely starts with this one's.
     own = re.compile(re.escape(name) + r"-[0-9a-f]{16}\.onnx")
+    unused_since = time.time() - UNUSED_DAYS * 86_400
     for stale in cache_dir.glob(f"{name}-*.onnx"):
         if stale != target and own.fullmatch(stale.name):
-            stale.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove
+                if stale.stat().st_mtime < unused_since:
+                    stale.unlink()
     return target
 
 
