@@ -205,19 +205,21 @@ def _candidates(
     rows = dict(lookup.rows)
     rows.update(_load_rows(conn, scope_id, [i for i in ids if i not in rows]))
     context = {m: max(sims.get(n, 0.0) for n in ns) for m, ns in adjacent.items() if ns}
+    # Positional: ~150 candidates a request, and keywords cost a NamedTuple more.
     return [
         Candidate(
-            memory_id=row.id,
-            kind=row.kind,
-            text=row.text,
-            at=row.at,
-            importance=row.importance,
-            vector_sim=sims.get(row.id),
-            bm25_rank=ranks.get(row.id),
-            source_ids=row.sources,
-            speaker=row.speaker,
-            role=row.role,
-            context_sim=context.get(row.id),
+            row.id,
+            row.kind,
+            row.text,
+            row.at,
+            row.importance,
+            sims.get(row.id),  # vector_sim
+            ranks.get(row.id),  # bm25_rank
+            row.sources,
+            row.speaker,
+            row.role,
+            False,  # pinned: those are notes, left out here
+            context.get(row.id),
         )
         for row in (rows[i] for i in ids if i in rows)
         if not row.pinned
