@@ -2,12 +2,17 @@
 
     .venv/bin/python bench/memory.py                        # all three parts
     .venv/bin/python bench/memory.py --sizes 10000 --requests 100 --skip-tokens
+    .venv/bin/python bench/memory.py --floor --skip-tokens --skip-embedding
 
 (a) Added time to first byte with memory on, against the same request sent straight
     to the upstream, paired request by request, for a scope holding N memories
     (10k and 100k by default). The requests are SillyTavern-shaped (system prompts, a
     greeting, 20 turns of history), each with a new last user message, so every one
-    pays a real query embedding; `X-Memory-Write: off` keeps the scope at N.
+    pays a real query embedding; `X-Memory-Write: off` keeps the scope at N. With
+    `--floor`, two more proxies are timed in the same rounds: memory with recall off
+    (no query embedding, no search) and memory off; their added times are what a
+    request costs besides recall. Each line also shows the p50 of the memory layer's
+    steps, read back from the request log.
 (b) Upstream prompt tokens against the full history, for a long chat played turn by
     turn through the proxy with an 8k context window (tokens saved).
 (c) Background embedding throughput: turns imported at once, timed until the worker
@@ -23,6 +28,7 @@ proxy (`python -m proxy start`). Timings on a shared 2-core machine are noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -172,8 +178,14 @@ def st_body(history: list[tuple[str, str]], question: str) -> dict[str, Any]:
     return {"model": "fake-model", "messages": messages, "stream": True, "max_tokens": 300}
 
 
-def ttfb(url: str, body: dict[str, Any], headers: dict[str, str]) -> float:
-    """Seconds until the first SSE data line, on a new connection (as SillyTavern does)."""
+def ttfb(
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    response_headers: dict[str, str] | None = None,
+) -> float:
+    """Seconds until the first SSE data line, on a new connection (as SillyTavern does);
+    the response's headers go into `response_headers` when given."""
     with httpx.Client(timeout=60) as client:
         # The clock starts after the client is built (its SSL context alone takes ms).
         started = time.perf_counter()
@@ -193,6 +205,8 @@ def ttfb(url: str, body: dict[str, Any], headers: dict[str, str]) -> float:
                 pass
     if "x-memory-error" in response.headers:
         raise RuntimeError(f"memory error: {response.headers['x-memory-error']}")
+    if response_headers is not None:
+        response_headers.update(response.headers)
     return first
 
 
@@ -251,7 +265,7 @@ def build_scope_db(path: Path, size: int) -> None:
             src.rename(Path(str(path) + suffix))
 
 
-def labelled_copy(db: Path, backend: str) -> Path:
+def labelled_copy(db: Path, backend: str, name: str = "run") -> Path:
     """A copy of `db` whose vectors are labelled with `backend`'s model id.
 
     The proxy re-embeds every memory when the store's model id is not its embedder's
@@ -261,7 +275,7 @@ def labelled_copy(db: Path, backend: str) -> Path:
     on it. The copy is remade for every run, so a run never changes the cached file.
     """
     model_id = {"onnx": ONNX_INT8_MODEL_ID}.get(backend, MODEL_ID)
-    copy = db.with_name(f"{db.stem}-run.db")
+    copy = db.with_name(f"{db.stem}-{name}.db")
     for suffix in ("", "-wal", "-shm"):
         Path(str(copy) + suffix).unlink(missing_ok=True)
     source = sqlite3.connect(db)
@@ -276,9 +290,33 @@ def labelled_copy(db: Path, backend: str) -> Path:
     return copy
 
 
+# What (a) can compare, each a proxy of its own over its own copy of the scope: the
+# whole memory layer, the memory layer with recall off (no query embedding, no search:
+# what a request costs besides recall), and the proxy with memory off.
+VARIANTS: dict[str, dict[str, str]] = {
+    "memory": {},
+    "memory, recall off": {"MNEMOPROXY_RECALL__LIMIT": "0"},
+    "proxy only": {"MNEMOPROXY_MEMORY__ENABLED": "false"},
+}
+# The memory layer's step timings reported from the request log (p50 of each).
+STEPS = ("embed_wait_ms", "recall_ms", "compose_ms", "prepare_ms")
+
+
 def measure_overhead(
-    upstream: str, db: Path, backend: str, requests: int, pause: float = 0.0
-) -> dict[str, float]:
+    upstream: str,
+    db: Path,
+    backend: str,
+    requests: int,
+    pause: float = 0.0,
+    variants: Sequence[str] = ("memory",),
+) -> dict[str, dict[str, Any]]:
+    """Added time to first byte of each variant (see VARIANTS), by variant name.
+
+    Every round sends the same new question to each variant in a shuffled order, each
+    paired with the same request sent straight to the upstream just before, so that
+    the variants share whatever else the machine is doing. The step timings of the
+    memory layer come from the request log, read outside the timed requests.
+    """
     history = [
         ("user" if i % 2 == 0 else "assistant", f"Turn {i}: we follow the river road north.")
         for i in range(20)
@@ -296,47 +334,61 @@ def measure_overhead(
         "bridge",
         "winter",
     ]
-    with proxy(upstream, db, backend) as url:
-        headers = {"X-Memory-Scope": "bench", "X-Memory-Write": "off"}
-        # Warm up: the model loads in the background; wait until recall uses it.
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                ttfb(f"{url}/v1/chat/completions", st_body(history, "warm up"), headers)
-                break
-            except RuntimeError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        for i in range(10):
-            ttfb(f"{url}/v1/chat/completions", st_body(history, f"warm {i}"), headers)
-        direct, through, added = [], [], []
+    headers = {"X-Memory-Scope": "bench", "X-Memory-Write": "off"}
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for i, name in enumerate(variants):
+            copy = labelled_copy(db, backend, f"run{i}")
+            urls[name] = stack.enter_context(proxy(upstream, copy, backend, VARIANTS[name]))
+        for url in urls.values():
+            # Warm up: the model loads in the background; wait until recall uses it.
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    ttfb(f"{url}/v1/chat/completions", st_body(history, "warm up"), headers)
+                    break
+                except RuntimeError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            for i in range(10):
+                ttfb(f"{url}/v1/chat/completions", st_body(history, f"warm {i}"), headers)
+        direct = {name: [] for name in variants}
+        through = {name: [] for name in variants}
+        steps: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
         for i in range(requests):
             question = f"Do you remember the {rng.choice(words)} and the {rng.choice(words)}? ({i})"
             body = st_body(history, question)
-            pair = [
-                ("direct", f"{upstream}/chat/completions", {}),
-                ("proxy", f"{url}/v1/chat/completions", headers),
-            ]
-            if i % 2:
-                pair.reverse()
-            got = {}
-            for name, u, h in pair:
+            order = list(variants)
+            rng.shuffle(order)
+            for name in order:
                 time.sleep(pause)  # a chat's requests come seconds apart; 0: back to back
-                got[name] = ttfb(u, body, h)
-            direct.append(got["direct"])
-            through.append(got["proxy"])
-            added.append(got["proxy"] - got["direct"])
+                direct[name].append(ttfb(f"{upstream}/chat/completions", body, {}))
+                time.sleep(pause)
+                seen: dict[str, str] = {}
+                url = f"{urls[name]}/v1/chat/completions"
+                through[name].append(ttfb(url, body, headers, seen))
+                if "x-memory-request-id" in seen:
+                    entry = httpx.get(
+                        f"{urls[name]}/memory/requests/{seen['x-memory-request-id']}", timeout=60
+                    ).json()
+                    for step, ms in entry.get("detail", entry).get("timings", {}).items():
+                        steps[name].setdefault(step, []).append(ms)
     ms = 1000.0
-    return {
-        "direct_p50_ms": pct(direct, 0.5) * ms,
-        "direct_p95_ms": pct(direct, 0.95) * ms,
-        "proxy_p50_ms": pct(through, 0.5) * ms,
-        "proxy_p95_ms": pct(through, 0.95) * ms,
-        "added_p50_ms": pct(added, 0.5) * ms,
-        "added_p95_ms": pct(added, 0.95) * ms,
-        "requests": requests,
-    }
+    out: dict[str, dict[str, Any]] = {}
+    for name in variants:
+        added = [p - d for p, d in zip(through[name], direct[name], strict=True)]
+        out[name] = {
+            "direct_p50_ms": pct(direct[name], 0.5) * ms,
+            "direct_p95_ms": pct(direct[name], 0.95) * ms,
+            "proxy_p50_ms": pct(through[name], 0.5) * ms,
+            "proxy_p95_ms": pct(through[name], 0.95) * ms,
+            "added_p50_ms": pct(added, 0.5) * ms,
+            "added_p95_ms": pct(added, 0.95) * ms,
+            "requests": requests,
+            "steps_p50_ms": {k: pct(v, 0.5) for k, v in steps[name].items() if k in STEPS},
+        }
+    return out
 
 
 # -- (b) tokens saved -------------------------------------------------------------------
@@ -445,6 +497,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="seconds of quiet before each request of (a) (0: back to back, where a request "
         "shares the CPU with the recording of the one before)",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="(a) also times, interleaved, the memory layer with recall off and the proxy "
+        "with memory off: what a request costs besides recall",
+    )
     parser.add_argument("--token-turns", type=int, default=200, help="turns of the chat in (b)")
     parser.add_argument("--embed-turns", type=int, default=1000, help="turns imported in (c)")
     parser.add_argument("--skip-tokens", action="store_true")
@@ -457,9 +515,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for size in [int(s) for s in args.sizes.split(",") if s]:
             db = RESULTS / f"memory-bench-{size}.db"
             build_scope_db(db, size)
-            run_db = labelled_copy(db, args.backend)
+            variants = list(VARIANTS) if args.floor else ["memory"]
             results["overhead"][size] = measure_overhead(
-                upstream, run_db, args.backend, args.requests, args.pause
+                upstream, db, args.backend, args.requests, args.pause, variants
             )
             print(f"(a) {size} memories: {json.dumps(results['overhead'][size])}", file=sys.stderr)
         scratch = RESULTS / "memory-bench-scratch.db"
@@ -473,13 +531,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
     print()
     print(f"memory on the request path (backend: {args.backend})")
-    print("memories   direct p50/p95 ms   proxy p50/p95 ms   added p50/p95 ms")
-    for size, r in results["overhead"].items():
-        print(
-            f"{size:>8}   {r['direct_p50_ms']:7.1f} /{r['direct_p95_ms']:6.1f}   "
-            f"{r['proxy_p50_ms']:7.1f} /{r['proxy_p95_ms']:6.1f}   "
-            f"{r['added_p50_ms']:7.1f} /{r['added_p95_ms']:6.1f}"
-        )
+    print("memories  variant              direct p50/p95 ms   proxy p50/p95 ms   added p50/p95 ms")
+    for size, by_variant in results["overhead"].items():
+        for name, r in by_variant.items():
+            print(
+                f"{size:>8}  {name:<19}  {r['direct_p50_ms']:7.1f} /{r['direct_p95_ms']:6.1f}   "
+                f"{r['proxy_p50_ms']:7.1f} /{r['proxy_p95_ms']:6.1f}   "
+                f"{r['added_p50_ms']:7.1f} /{r['added_p95_ms']:6.1f}"
+            )
+            if r["steps_p50_ms"]:
+                steps = ", ".join(f"{k} {v:.1f}" for k, v in r["steps_p50_ms"].items())
+                print(f"{'':>8}  {'':<19}  steps (p50): {steps}")
     if "tokens" in results:
         t = results["tokens"]
         print(
