@@ -8,6 +8,7 @@ filled by `format_fields`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,7 +44,20 @@ def format_fields(template: str, values: Mapping[str, str]) -> str:
     Unlike `str.format`, stray braces in a configured template or in the values
     (memory texts are user content) can never raise.
     """
-    return _FIELD.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+    parts = _split_fields(template)
+    out = [parts[0]]
+    for i in range(1, len(parts), 2):
+        value = values.get(parts[i])
+        out.append(f"{{{parts[i]}}}" if value is None else value)
+        out.append(parts[i + 1])
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _split_fields(template: str) -> tuple[str, ...]:
+    """The template as literal, field name, literal, ..., literal (a few templates are
+    used for every memory line of every request: split once)."""
+    return tuple(_FIELD.split(template))
 
 
 def _text(help_text: str) -> Any:
