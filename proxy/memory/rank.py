@@ -7,6 +7,7 @@ duplicates and returns the best first.
 
 from __future__ import annotations
 
+import functools
 import math
 import string
 from collections.abc import Iterable
@@ -246,8 +247,12 @@ class _Chosen:
         )
 
 
+@functools.lru_cache(maxsize=8192)
 def _normalise(text: str) -> str:
-    """Lower case, punctuation to spaces, single spaces; padded for word containment."""
+    """Lower case, punctuation to spaces, single spaces; padded for word containment.
+
+    Cached: a chat's requests recall many of the same memories, and normalising one
+    costs more than looking it up."""
     return f" {' '.join(text.casefold().translate(_PUNCTUATION).split())} "
 
 
