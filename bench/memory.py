@@ -210,6 +210,26 @@ def ttfb(
     return first
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat, Linux), to tell the CPU stolen by
+    the hypervisor during a run: on a shared virtual machine that is what makes one run
+    slower than another."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_fraction(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of CPU time stolen between two `cpu_times` readings (field 8: steal)."""
+    if not before or not after or len(before) < 8 or len(after) < 8:
+        return None
+    deltas = [b - a for a, b in zip(before, after, strict=False)]
+    total = sum(deltas[:8])  # user .. steal; guest time is counted inside user
+    return deltas[7] / total if total > 0 else None
+
+
 def pct(samples: Sequence[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -516,9 +536,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             db = RESULTS / f"memory-bench-{size}.db"
             build_scope_db(db, size)
             variants = list(VARIANTS) if args.floor else ["memory"]
+            before = cpu_times()
             results["overhead"][size] = measure_overhead(
                 upstream, db, args.backend, args.requests, args.pause, variants
             )
+            stolen = steal_fraction(before, cpu_times())
+            for r in results["overhead"][size].values():
+                r["cpu_steal"] = stolen
             print(f"(a) {size} memories: {json.dumps(results['overhead'][size])}", file=sys.stderr)
         scratch = RESULTS / "memory-bench-scratch.db"
         for suffix in ("", "-wal", "-shm"):
@@ -539,6 +563,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{r['proxy_p50_ms']:7.1f} /{r['proxy_p95_ms']:6.1f}   "
                 f"{r['added_p50_ms']:7.1f} /{r['added_p95_ms']:6.1f}"
             )
+            if r["cpu_steal"] is not None:
+                stolen = f"{100 * r['cpu_steal']:.0f}%"
+                print(f"{'':>8}  {'':<19}  CPU stolen by the hypervisor: {stolen}")
             if r["steps_p50_ms"]:
                 steps = ", ".join(f"{k} {v:.1f}" for k, v in r["steps_p50_ms"].items())
                 print(f"{'':>8}  {'':<19}  steps (p50): {steps}")
