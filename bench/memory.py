@@ -3,6 +3,8 @@
     .venv/bin/python bench/memory.py                        # all three parts
     .venv/bin/python bench/memory.py --sizes 10000 --requests 100 --skip-tokens
     .venv/bin/python bench/memory.py --floor --skip-tokens --skip-embedding
+    git worktree add /tmp/before HEAD~3
+    .venv/bin/python bench/memory.py --compare /tmp/before --skip-tokens --skip-embedding
 
 (a) Added time to first byte with memory on, against the same request sent straight
     to the upstream, paired request by request, for a scope holding N memories
@@ -12,7 +14,8 @@
     `--floor`, two more proxies are timed in the same rounds: memory with recall off
     (no query embedding, no search) and memory off; their added times are what a
     request costs besides recall. Each line also shows the p50 of the memory layer's
-    steps, read back from the request log.
+    steps, read back from the request log. `--compare CHECKOUT` times the proxy of
+    another checkout beside this one in the same way (before/after a change).
 (b) Upstream prompt tokens against the full history, for a long chat played turn by
     turn through the proxy with an 8k context window (tokens saved).
 (c) Background embedding throughput: turns imported at once, timed until the worker
@@ -41,7 +44,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
@@ -122,9 +125,13 @@ def fake_upstream(window: int) -> Iterator[str]:
 
 @contextmanager
 def proxy(
-    upstream: str, db: Path, backend: str, extra_env: dict[str, str] | None = None
+    upstream: str,
+    db: Path,
+    backend: str,
+    extra_env: dict[str, str] | None = None,
+    root: Path = ROOT,
 ) -> Iterator[str]:
-    """`mnemoproxy start` with memory on, over `db`."""
+    """`mnemoproxy start` of the checkout at `root` with memory on, over `db`."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMOPROXY_")}
     env.update(
@@ -146,7 +153,7 @@ def proxy(
             "--upstream",
             f"local={upstream}",
         ],
-        cwd=ROOT,
+        cwd=root,  # `-m proxy` imports the package of the working directory
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -310,14 +317,22 @@ def labelled_copy(db: Path, backend: str, name: str = "run") -> Path:
     return copy
 
 
+class Variant(NamedTuple):
+    """One proxy that (a) times: its name, its settings, and the checkout it runs."""
+
+    name: str
+    env: dict[str, str]
+    root: Path = ROOT
+
+
 # What (a) can compare, each a proxy of its own over its own copy of the scope: the
 # whole memory layer, the memory layer with recall off (no query embedding, no search:
 # what a request costs besides recall), and the proxy with memory off.
-VARIANTS: dict[str, dict[str, str]] = {
-    "memory": {},
-    "memory, recall off": {"MNEMOPROXY_RECALL__LIMIT": "0"},
-    "proxy only": {"MNEMOPROXY_MEMORY__ENABLED": "false"},
-}
+MEMORY = Variant("memory", {})
+FLOOR = (
+    Variant("memory, recall off", {"MNEMOPROXY_RECALL__LIMIT": "0"}),
+    Variant("proxy only", {"MNEMOPROXY_MEMORY__ENABLED": "false"}),
+)
 # The memory layer's step timings reported from the request log (p50 of each).
 STEPS = ("embed_wait_ms", "recall_ms", "compose_ms", "prepare_ms")
 
@@ -328,9 +343,9 @@ def measure_overhead(
     backend: str,
     requests: int,
     pause: float = 0.0,
-    variants: Sequence[str] = ("memory",),
+    variants: Sequence[Variant] = (MEMORY,),
 ) -> dict[str, dict[str, Any]]:
-    """Added time to first byte of each variant (see VARIANTS), by variant name.
+    """Added time to first byte of each variant, by variant name.
 
     Every round sends the same new question to each variant in a shuffled order, each
     paired with the same request sent straight to the upstream just before, so that
@@ -357,9 +372,11 @@ def measure_overhead(
     headers = {"X-Memory-Scope": "bench", "X-Memory-Write": "off"}
     with contextlib.ExitStack() as stack:
         urls = {}
-        for i, name in enumerate(variants):
+        for i, variant in enumerate(variants):
             copy = labelled_copy(db, backend, f"run{i}")
-            urls[name] = stack.enter_context(proxy(upstream, copy, backend, VARIANTS[name]))
+            urls[variant.name] = stack.enter_context(
+                proxy(upstream, copy, backend, variant.env, variant.root)
+            )
         for url in urls.values():
             # Warm up: the model loads in the background; wait until recall uses it.
             deadline = time.monotonic() + 180
@@ -373,13 +390,14 @@ def measure_overhead(
                     time.sleep(0.5)
             for i in range(10):
                 ttfb(f"{url}/v1/chat/completions", st_body(history, f"warm {i}"), headers)
-        direct = {name: [] for name in variants}
-        through = {name: [] for name in variants}
-        steps: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+        names = [variant.name for variant in variants]
+        direct: dict[str, list[float]] = {name: [] for name in names}
+        through: dict[str, list[float]] = {name: [] for name in names}
+        steps: dict[str, dict[str, list[float]]] = {name: {} for name in names}
         for i in range(requests):
             question = f"Do you remember the {rng.choice(words)} and the {rng.choice(words)}? ({i})"
             body = st_body(history, question)
-            order = list(variants)
+            order = list(names)
             rng.shuffle(order)
             for name in order:
                 time.sleep(pause)  # a chat's requests come seconds apart; 0: back to back
@@ -396,7 +414,7 @@ def measure_overhead(
                         steps[name].setdefault(step, []).append(ms)
     ms = 1000.0
     out: dict[str, dict[str, Any]] = {}
-    for name in variants:
+    for name in names:
         added = [p - d for p, d in zip(through[name], direct[name], strict=True)]
         out[name] = {
             "direct_p50_ms": pct(direct[name], 0.5) * ms,
@@ -523,6 +541,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="(a) also times, interleaved, the memory layer with recall off and the proxy "
         "with memory off: what a request costs besides recall",
     )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="CHECKOUT",
+        help="(a) also times, interleaved, the proxy of another checkout (a git worktree "
+        "of an older commit, say) with memory on",
+    )
     parser.add_argument("--token-turns", type=int, default=200, help="turns of the chat in (b)")
     parser.add_argument("--embed-turns", type=int, default=1000, help="turns imported in (c)")
     parser.add_argument("--skip-tokens", action="store_true")
@@ -535,7 +560,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for size in [int(s) for s in args.sizes.split(",") if s]:
             db = RESULTS / f"memory-bench-{size}.db"
             build_scope_db(db, size)
-            variants = list(VARIANTS) if args.floor else ["memory"]
+            variants = [MEMORY, *(FLOOR if args.floor else ())]
+            if args.compare:
+                root = args.compare.resolve()
+                variants.append(Variant(f"memory ({root.name})", {}, root))
             before = cpu_times()
             results["overhead"][size] = measure_overhead(
                 upstream, db, args.backend, args.requests, args.pause, variants
