@@ -160,8 +160,8 @@ class _Scorer:
         return similarity, keyword, recency, importance
 
     def score(self, c: Candidate) -> float:
-        """The formula of `rank` for one candidate (`parts`, `timing`, `context` and
-        `length_factor` written out: a request scores ~150 candidates)."""
+        """The formula of `rank` for one candidate (`parts`, `timing` and `context`
+        written out, with the length factor: a request scores ~150 candidates)."""
         w = self.w
         sim = c.vector_sim
         total = 0.0 if sim is None or sim < 0.0 else w.similarity * (1.0 if sim > 1.0 else sim)
@@ -182,12 +182,6 @@ class _Scorer:
         if w.length_norm > 0 and length > w.length_ref:
             total *= (w.length_ref / length) ** w.length_norm
         return total
-
-    def length_factor(self, c: Candidate) -> float:
-        """(length_ref / length) ** length_norm for memories longer than length_ref."""
-        if self.w.length_norm <= 0 or len(c.text) <= self.w.length_ref:
-            return 1.0
-        return (self.w.length_ref / len(c.text)) ** self.w.length_norm
 
     def context(self, c: Candidate) -> float:
         sim = c.context_sim
@@ -256,19 +250,14 @@ def _normalise(text: str) -> str:
     return f" {' '.join(text.casefold().translate(_PUNCTUATION).split())} "
 
 
-def _same(a: str, b: str) -> bool:
-    """Same text, or one contained in the other as whole words ("cat" is not in
-    "concatenate"). Keys come from `_normalise`, padded with spaces."""
-    if len(a) <= 2 or len(b) <= 2:  # an empty text duplicates only another empty one
-        return a == b
-    return a in b or b in a
-
-
 def _twin(key: str, chosen: list[_Chosen]) -> _Chosen | None:
-    """The first of `chosen` that `key` duplicates (`_same`), if any."""
+    """The first of `chosen` whose text `key` duplicates: the same text, or one
+    contained in the other as whole words ("cat" is not in "concatenate"). Keys come
+    from `_normalise`, padded with spaces; an empty text duplicates only another empty
+    one. (Written out for speed: ~800 pairs are compared per request.)"""
     if len(key) <= 2:
         return next((ch for ch in chosen if ch.key == key), None)
-    for ch in chosen:  # `_same` written out: ~800 pairs per request
+    for ch in chosen:
         other = ch.key
         if key in other or (other in key and len(other) > 2):
             return ch
