@@ -241,12 +241,12 @@ class _Chosen:
         )
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=2048)
 def _normalise(text: str) -> str:
     """Lower case, punctuation to spaces, single spaces; padded for word containment.
 
     Cached: a chat's requests recall many of the same memories, and normalising one
-    costs more than looking it up."""
+    costs more than looking it up. 2048 texts (a request ranks ~150) hold a few MB."""
     return f" {' '.join(text.casefold().translate(_PUNCTUATION).split())} "
 
 
