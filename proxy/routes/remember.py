@@ -339,9 +339,7 @@ class Remember:
             lap("embed_wait_ms")
         else:  # keyword search still works meanwhile
             errors.append(self.embedder_error or "warming up")
-        kept = set(trim.kept)
-        in_window = {sid for index, sid in alignment.matched if index in kept}
-        exclude = frozenset(in_window | set(alignment.undone))
+        exclude = frozenset(_kept_ids(alignment, trim) | set(alignment.undone))
         q = RecallQuery(query, vector, now, self.weights, rec.candidates, rec.limit, exclude)
         return await self.store.read(recall, scope_id, q, await lookup)
 
