@@ -334,7 +334,16 @@ FLOOR = (
     Variant("proxy only", {"MNEMOPROXY_MEMORY__ENABLED": "false"}),
 )
 # The memory layer's step timings reported from the request log (p50 of each).
-STEPS = ("embed_wait_ms", "recall_ms", "compose_ms", "prepare_ms")
+STEPS = (
+    "scope_ms",
+    "transcript_ms",
+    "budget_ms",
+    "embed_ms",
+    "embed_wait_ms",
+    "recall_ms",
+    "compose_ms",
+    "prepare_ms",
+)
 
 
 def measure_overhead(

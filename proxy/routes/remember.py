@@ -182,7 +182,7 @@ class Remember:
         # The query embedding (its own thread) overlaps everything up to the vector
         # search: the transcript, trimming, and on the readers the scope's standing
         # context and the half of recall that needs no vector (`look_up`).
-        embedding = self._embed_query_soon(query)
+        embedding = self._embed_query_soon(query, timings)
         mem = self.settings.memory
         style_on = mem.style_sample and scope.settings.get("style") is not False
         context_task = _soon(self.store.read(scope_context, scope.id, style=style_on))
@@ -290,15 +290,23 @@ class Remember:
             calibration=(calibration, sent_tokens),
         )
 
-    def _embed_query_soon(self, query: str) -> asyncio.Future[np.ndarray] | None:
+    def _embed_query_soon(
+        self, query: str, timings: dict[str, float]
+    ) -> asyncio.Future[np.ndarray] | None:
         """Start embedding the query, when recall will need it and the model is ready.
 
         If the request fails before recall awaits it, the task still ends on its own
-        (its vector lands in the cache) and its outcome is retrieved, never leaked.
+        (its vector lands in the cache) and its outcome is retrieved, never leaked. Its
+        time from here to the vector goes to `timings` as `embed_ms`.
         """
         if self.settings.recall.limit == 0 or not query.strip() or not self.embedder.ready:
             return None
-        return _soon(self.embedder.embed_query(query))
+        asked = time.perf_counter()
+        future = _soon(self.embedder.embed_query(query))
+        future.add_done_callback(
+            lambda _: timings.update(embed_ms=round((time.perf_counter() - asked) * 1000, 3))
+        )
+        return future
 
     def _look_up_soon(self, scope_id: int, query: str, now: float) -> asyncio.Future[Lookup] | None:
         """Start the half of recall that needs no query vector, on a reader."""
