@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/embed_latency.py                 # torch and onnx, 1 and 2 threads
     .venv/bin/python bench/embed_latency.py --backends onnx --threads 1 --queries 500
+    .venv/bin/python bench/embed_latency.py --backends query --threads 1   # the chat path
     .venv/bin/python bench/embed_latency.py --upstream http://127.0.0.1:8080/v1 \\
         --upstream-model all-MiniLM-L6-v2
 
@@ -10,6 +11,10 @@ torch or onnxruntime, and torch's process-wide thread count cannot leak between 
 Columns:
 - load: `start()`, imports included (seconds);
 - query p50/p95: one short text per `embed` call, every text distinct (nothing cached);
+  backend `query` is the local model's fast 8-bit query copy (`embed_query`, what a
+  chat request waits for), with 10 ms between queries, as between requests; its busy
+  columns time `embed_query` too (it waits for no batch), its /s columns are its torch
+  model's;
 - busy p50/p95 b8, b32: the same while another task keeps embedding lists of 32
   chat turns, i.e. what a chat request pays while the background worker embeds: it
   waits for the batch in progress, so this depends on the embedder's `batch_size`
@@ -28,6 +33,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +66,18 @@ def build(backend: str, threads: int, args: argparse.Namespace, client: Any) -> 
 
     if backend == "torch":
         return LocalEmbedder(threads=threads)
+    if backend == "query":
+        return LocalEmbedder(threads=threads, query_cache=query_cache())
     if backend == "onnx":
         return OnnxEmbedder(threads=threads)
     return UpstreamEmbedder(args.upstream, args.api_key, args.upstream_model, client)
+
+
+def query_cache() -> Path:
+    """Where the proxy keeps the fast query copy (as `proxy.app` does)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("mnemoproxy", appauthor=False)) / "query-models"
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -87,12 +102,21 @@ async def _measure(
     load = time.perf_counter() - started
 
     queries = make_texts(args.queries + 5, (4, 12), seed=1)
+    fast = backend == "query"
+    if fast and not embedder.fast_queries:
+        raise RuntimeError("the fast query copy could not be built or trusted (see the log)")
+
+    async def one(text: str) -> None:
+        await (embedder.embed_query(text) if fast else embedder.embed([text]))
+
     for text in queries[:5]:  # warm-up: first calls allocate
-        await embedder.embed([text])
+        await one(text)
     single = []
     for text in queries[5:]:
+        if fast:
+            await asyncio.sleep(0.01)
         t0 = time.perf_counter()
-        await embedder.embed([text])
+        await one(text)
         single.append(time.perf_counter() - t0)
 
     p50, p95 = percentiles(single)
@@ -105,13 +129,15 @@ async def _measure(
         for i in range(0, len(turns), 32):
             await embedder.embed(turns[i : i + 32])
         row[f"per_s_b{size}"] = len(turns) / (time.perf_counter() - t0)
-        busy = await _queries_while_busy(embedder, make_texts(50, (4, 12), seed=size), turns)
+        busy = await _queries_while_busy(embedder, one, make_texts(50, (4, 12), seed=size), turns)
         row[f"busy_p50_ms_b{size}"], row[f"busy_p95_ms_b{size}"] = percentiles(busy)
     await embedder.close()
     return row
 
 
-async def _queries_while_busy(embedder: Any, queries: list[str], turns: list[str]) -> list[float]:
+async def _queries_while_busy(
+    embedder: Any, one: Callable[[str], Awaitable[None]], queries: list[str], turns: list[str]
+) -> list[float]:
     stop = asyncio.Event()
 
     async def background() -> None:
@@ -126,7 +152,7 @@ async def _queries_while_busy(embedder: Any, queries: list[str], turns: list[str
         for text in queries:
             await asyncio.sleep(0.02)  # arrive at random points of a batch
             t0 = time.perf_counter()
-            await embedder.embed([text])
+            await one(text)
             samples.append(time.perf_counter() - t0)
     finally:
         stop.set()
@@ -138,7 +164,9 @@ def available(backend: str, args: argparse.Namespace) -> bool:
     """Whether a backend can run here (its packages installed, or a URL given)."""
     if backend == "upstream":
         return bool(args.upstream)
-    module = {"torch": "sentence_transformers", "onnx": "onnxruntime"}[backend]
+    module = {"torch": "sentence_transformers", "query": "onnxruntime", "onnx": "onnxruntime"}[
+        backend
+    ]
     probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
     return subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
 
