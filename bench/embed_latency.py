@@ -1,6 +1,6 @@
 """Micro-benchmark of the embedders: load time, query latency, batch throughput.
 
-    .venv/bin/python bench/embed_latency.py                 # torch and onnx, 1 and 2 threads
+    .venv/bin/python bench/embed_latency.py                 # torch, query, onnx; 1 and 2 threads
     .venv/bin/python bench/embed_latency.py --backends onnx --threads 1 --queries 500
     .venv/bin/python bench/embed_latency.py --backends query --threads 1   # the chat path
     .venv/bin/python bench/embed_latency.py --upstream http://127.0.0.1:8080/v1 \\
@@ -202,7 +202,7 @@ def print_table(rows: list[dict[str, Any] | str], labels: list[str]) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", nargs="+", default=["torch", "onnx", "upstream"])
+    parser.add_argument("--backends", nargs="+", default=["torch", "query", "onnx", "upstream"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--queries", type=int, default=200, help="single queries to time")
     parser.add_argument("--batches", type=int, default=8, help="batches of 32 to time")
