@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -351,14 +352,23 @@ def test_the_fast_copy_is_built_once_and_reused(
 ) -> None:
     built = list(query_cache.glob("*.onnx"))
     assert len(built) == 1 and built[0].name.startswith("all-MiniLM-L6-v2-")
+    assert not [p for p in query_cache.iterdir() if p.name.startswith(".building")]
     inode = built[0].stat().st_ino  # a rebuilt file replaces it: a new inode
+    # A build killed two hours ago left its work directory; one is running right now.
+    killed, running = query_cache / ".building-killed", query_cache / ".building-running"
+    for work in (killed, running):
+        work.mkdir()
+        (work / "model.onnx").write_bytes(b"half a model")
+    two_hours_ago = time.time() - 7200
+    os.utime(killed, (two_hours_ago, two_hours_ago))
     again = LocalEmbedder(query_cache=query_cache)
     asyncio.run(again.start())
     try:
         assert again.fast_queries
         assert list(query_cache.glob("*.onnx")) == built and built[0].stat().st_ino == inode
-        assert not [p for p in query_cache.iterdir() if p.name.startswith(".building")]
+        assert not killed.exists() and (running / "model.onnx").is_file()
     finally:
+        shutil.rmtree(running)
         asyncio.run(again.close())
 
 

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,6 +45,8 @@ RECIPE = 2
 BLOCK_SIZE = 32
 # A copy built by other versions of the model or tools is removed once unused this long.
 UNUSED_DAYS = 30
+# A build's work directory untouched this long belongs to a killed build.
+ABANDONED_AFTER_S = 3600
 # Below this cosine to the torch model's vectors the copy is not used.
 MIN_COSINE = 0.999
 PROBES = (
@@ -66,6 +69,7 @@ def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str
     export.
     """
     transformer = _check_pipeline(st_model)
+    _remove_abandoned_builds(cache_dir)
     target = cache_dir / f"{name}-{_key(model_dir)}.onnx"
     if target.is_file():
         os.utime(target)  # in use: see the clean-up below
@@ -91,6 +95,16 @@ def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str
                 if stale.stat().st_mtime < unused_since:
                     stale.unlink()
     return target
+
+
+def _remove_abandoned_builds(cache_dir: Path) -> None:
+    """Remove the work directories of killed builds (~100 MB each). A build lasts
+    seconds to a minute, so one untouched for ABANDONED_AFTER_S is nobody's."""
+    abandoned_since = time.time() - ABANDONED_AFTER_S
+    for work in cache_dir.glob(".building-*"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove
+            if work.is_dir() and work.stat().st_mtime < abandoned_since:
+                shutil.rmtree(work)
 
 
 def _check_pipeline(st_model: Any) -> Any:
