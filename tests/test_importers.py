@@ -195,7 +195,13 @@ def test_send_date_formats(value: object, expected: float) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [None, "", True, "yesterday", "February 30, 2024 1:00pm", "Smarch 3, 2024 1:00pm", {}, -5],
+    [
+        *(None, "", True, "yesterday", "February 30, 2024 1:00pm", "Smarch 3, 2024 1:00pm", {}),
+        *(-5, "-1e300", float("nan"), float("inf")),
+        # Outside the dates the store holds (1970 to 9999): its export could not be
+        # imported again.
+        *("1969-07-20T20:17:00Z", "0001-01-01", "9999-12-31T23:59:59-05:00"),
+    ],
 )
 def test_unreadable_dates_are_none(value: object) -> None:
     assert parse_st_date(value) is None

@@ -41,10 +41,10 @@ from proxy.routes.memory_calls import (
     MemoryService,
     choices,
     endpoint,
-    parse_date,
     scope_name,
 )
 from proxy.routes.openapi import Operation
+from proxy.routes.validation import parse_date
 from proxy.settings import Settings
 
 log = logging.getLogger("mnemoproxy.memory_api")

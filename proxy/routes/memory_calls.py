@@ -10,12 +10,10 @@ envelope. Big documents are parsed and rendered off the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -258,20 +256,3 @@ def choices(value: str | None, allowed: tuple[str, ...], param: str) -> tuple[st
     if unknown or not chosen:
         raise BadRequest(f"{param} must be among {', '.join(allowed)}; got {value!r}", param=param)
     return chosen
-
-
-def parse_date(value: str, param: str) -> float:
-    """Unix seconds or an ISO 8601 date (a naive one in the machine's local time)."""
-    with contextlib.suppress(ValueError):
-        number = float(value)
-        if 0 <= number <= api.MAX_DATE:
-            return number
-    try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        if parsed.tzinfo is None:
-            parsed = parsed.astimezone()
-        return parsed.timestamp()
-    except (ValueError, OverflowError, OSError) as exc:
-        raise BadRequest(
-            f"{param} must be unix seconds or an ISO 8601 date, not {value!r}", param=param
-        ) from exc

@@ -16,13 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from proxy.memory.records import MEMORY_KINDS
+from proxy.routes.validation import MAX_DATE
 
 # A scope name (see proxy.memory.scope.validate_scope_name) as a regex without
 # look-ahead: runs of allowed characters joined by single dots.
 SCOPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_:-]*(?:\.[A-Za-z0-9_:-]+)*\.?$"
 MAX_ID = 2**53  # ids and cursors beyond this are nobody's (and JSON-safe)
 MAX_TEXT = 200_000
-MAX_DATE = 253402300799.0  # 9999-12-31
 
 Kind = Literal["turn", "fact", "summary", "insight", "note"]
 assert set(MEMORY_KINDS) == set(Kind.__args__)  # type: ignore[attr-defined]

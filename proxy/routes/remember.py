@@ -16,12 +16,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import cachetools
 
-from proxy.errors import BadRequest, InvalidScopeName
+from proxy.errors import InvalidScopeName
 from proxy.inject.block import EMPTY_BLOCK, Block, BlockInput, Caps, Recalled, build_block
 from proxy.inject.budget import Trim, compute_budget, trim_history
 from proxy.inject.place import place_block
@@ -48,6 +47,7 @@ from proxy.memory.worker import Activity, Worker
 from proxy.metrics import Metrics
 from proxy.routes.auth import Identity
 from proxy.routes.plan import ChatPlan, UnchangedPlan
+from proxy.routes.validation import parse_date
 from proxy.settings import Settings
 from proxy.style.sample import sample_to_show
 from proxy.upstreams.registry import Route
@@ -600,23 +600,9 @@ def _is_utility_call(messages: list[dict[str, Any]]) -> bool:
 
 def parse_now(value: str | None) -> float:
     """The request's "now": `X-Memory-Now` (ISO 8601 or unix seconds), else the clock."""
-    if not value:
+    if not value or not value.strip():
         return time.time()
-    value = value.strip()
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise BadRequest(
-            f"X-Memory-Now must be an ISO 8601 date or unix seconds, not {value!r}",
-            param="X-Memory-Now",
-        ) from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.astimezone()  # a naive date is the machine's local time
-    return parsed.timestamp()
+    return parse_date(value, "X-Memory-Now")
 
 
 def _header_safe(text: str) -> str:

@@ -6,10 +6,14 @@ for the upstream to judge.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from proxy.errors import BadRequest
 
+# Dates the store holds, in unix seconds: 1970-01-01 to 9999-12-31 (what exports
+# carry, so that every stored date can be imported again).
+MAX_DATE = 253402300799.0
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
@@ -68,3 +72,24 @@ def _check_message(i: int, message: Any) -> None:
     name = message.get("name")
     if name is not None and not isinstance(name, str):
         raise BadRequest(f"'{where}.name' must be a string", param=f"{where}.name")
+
+
+def parse_date(value: str, param: str) -> float:
+    """Unix seconds or an ISO 8601 date (a naive one in the machine's local time),
+    between 1970 and the end of 9999; anything else is a BadRequest naming `param`."""
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.astimezone()
+            seconds = parsed.timestamp()
+        except (ValueError, OverflowError, OSError) as exc:
+            raise BadRequest(
+                f"{param} must be unix seconds or an ISO 8601 date, not {value!r}", param=param
+            ) from exc
+    if not 0 <= seconds <= MAX_DATE:  # NaN too
+        raise BadRequest(f"{param} must be a date from 1970 to 9999, not {value!r}", param=param)
+    return seconds

@@ -112,6 +112,8 @@ _DIGITS = re.compile(r"\d+(?:\.\d+)?")
 # Below this an epoch number is taken as seconds, not milliseconds: 1e11 ms is March
 # 1973, long before any chat app, while 1e11 s is the year 5138.
 _SECONDS_BELOW = 1e11
+# 9999-12-31T23:59:59Z: the last date the store holds (the first is 1970-01-01).
+_LAST_DATE = 253402300799.0
 
 
 @dataclass(frozen=True)
@@ -257,8 +259,14 @@ def parse_st_date(value: Any, *, tz: tzinfo = UTC) -> float | None:
     - "June 19, 2023 2:20pm" (getMessageTimeStamp, 1.9-1.12), local time;
     - "2024-07-12@01h31m37s" / "...37s123ms" (humanizedDateTime), local time;
     - "2023-6-5 @14h 56m 50s 682ms" (the old humanizedISO8601DateTime), local time.
-    Local times are read in `tz`.
+    Local times are read in `tz`. A date before 1970 or after 9999 counts as unreadable:
+    the store holds none (nor could its export be imported again).
     """
+    seconds = _read_st_date(value, tz)
+    return seconds if seconds is not None and 0 <= seconds <= _LAST_DATE else None
+
+
+def _read_st_date(value: Any, tz: tzinfo) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
@@ -370,7 +378,7 @@ def _epoch(number: float) -> float | None:
     if not math.isfinite(number) or number < 0:
         return None
     seconds = number if number < _SECONDS_BELOW else number / 1000.0
-    return seconds if seconds < 253402300800 else None  # before year 10000
+    return seconds if seconds <= _LAST_DATE else None
 
 
 def _stamp(moment: datetime, tz: tzinfo) -> float:
