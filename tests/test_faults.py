@@ -48,6 +48,8 @@ def still_serves(proxy: RunningServer, upstream: FakeUpstream) -> None:
     ("body", "param", "words"),
     [
         (b'{"model": "x", "messages": [', None, "not valid JSON"),
+        # Nested deeper than the parser goes: a 400 too, not a 500.
+        (b'{"model": "x", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, "not valid JSON"),
         (b"", None, "empty"),
         (b'["a list"]', None, "JSON object"),
         (b'"a string"', None, "JSON object"),
@@ -103,6 +105,23 @@ def test_bad_bodies_get_400_naming_the_field(
     assert error["param"] == param
     assert words in error["message"]
     assert upstream.chat_requests == []
+    still_serves(proxy, upstream)
+
+
+def test_passthrough_of_json_nested_too_deeply_is_the_upstreams_to_judge(
+    upstream: FakeUpstream, make_proxy: MakeProxy
+) -> None:
+    proxy = make_proxy({"local": upstream})
+    deep = b'{"model": "fake-model", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    response = httpx.post(
+        f"{proxy.url}/v1/embeddings",
+        content=deep,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400  # the fake upstream's own answer, relayed
+    assert "the body must be JSON" in error_of(response)["message"]
+    assert [r.path for r in upstream.requests] == ["/v1/embeddings"]
     still_serves(proxy, upstream)
 
 

@@ -671,6 +671,7 @@ def v9_card() -> dict[str, Any]:
         (json.dumps({"description": "nameless"}).encode(), "card.png: the card has no name"),
         (b'{"name": "Seraphina", "description": ', "card.png: invalid JSON: Expecting value"),
         (b'[{"name": "Seraphina"}]', "card.png: the card JSON is an array, not an object"),
+        (b'{"data": ' + b"[" * 5000 + b"]" * 5000 + b"}", "card.png: JSON nested too deeply"),
         (
             json.dumps({"spec": "lorebook_v3", "data": BOOK}).encode(),
             "card.png: a lorebook ('lorebook_v3'), not a character card",
@@ -685,6 +686,15 @@ def test_card_errors(data: bytes, message: str) -> None:
     with pytest.raises(CardError) as caught:
         parse_card(data, "card.png")
     assert message in str(caught.value)
+
+
+def test_chat_line_nested_too_deeply_is_a_line_error() -> None:
+    deep = '{"mes": ' + "[" * 5000 + "]" * 5000 + "}"
+    chat = parse_chat([deep, st_line({"name": "Mira", "mes": "Hello."})])
+    assert [(e.line, e.message) for e in chat.errors] == [
+        (1, "not JSON that can be read: nested too deeply")
+    ]
+    assert [m.text for m in chat.messages] == ["Hello."]
 
 
 def test_bad_crc_error_names_the_damage() -> None:

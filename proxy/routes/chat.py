@@ -135,7 +135,7 @@ class ChatCompletions:
         reply = ReplyAccumulator()
         try:
             reply.add_completion(json.loads(content))
-        except ValueError:
+        except (ValueError, RecursionError):
             error = UpstreamError(f"upstream {upstream.name!r} sent a reply that is not JSON")
             await send_error(send, error, plan.headers)
             return

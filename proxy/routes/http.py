@@ -42,7 +42,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise BadRequest("request body is empty; expected a JSON object")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    # RecursionError: nested too deeply for the parser.
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")

@@ -69,7 +69,7 @@ def pick_route(
     if raw and headers.get("content-type", "").startswith("application/json"):
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None  # not ours to judge: the upstream will answer it
         if isinstance(data, dict) and isinstance(data.get("model"), str):
             model = data["model"]

@@ -217,7 +217,7 @@ async def pass_error(
         content = content.replace(upstream.api_key.encode(), b"***")
     try:
         parsed = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if not isinstance(parsed, dict) or "error" not in parsed:
         text = content.decode("utf-8", "replace").strip()[:500]

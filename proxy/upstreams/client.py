@@ -173,7 +173,7 @@ class UpstreamPool:
             raise UpstreamError(f"upstream {upstream.name!r} answered {status} for {url}")
         try:
             return json.loads(content)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise UpstreamError(f"upstream {upstream.name!r} sent invalid JSON for {url}") from exc
 
 

@@ -130,7 +130,7 @@ def parse_event(block: bytes, *, parse_data: bool = True) -> Event:
         return Event(raw)
     try:
         return Event(raw, json.loads(payload))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidSSE(f"event data is not JSON: {payload[:120]!r}") from exc
 
 

@@ -294,7 +294,7 @@ class FakeUpstream:
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         try:
             parsed = json.loads(body) if body else None
-        except ValueError:
+        except (ValueError, RecursionError):  # answered as a body that is not JSON
             parsed = None
         request = RecordedRequest(
             method=scope["method"],

@@ -134,6 +134,8 @@ def parse_card(data: bytes, filename: str | None = None) -> Card:
         raise CardError(
             f"{where}invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise CardError(f"{where}JSON nested too deeply") from None
     return card_from_json(obj, where=where)
 
 
@@ -360,6 +362,8 @@ def _decode_value(text: str) -> Any:
         raise CardError(
             f"invalid JSON inside ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
+    except RecursionError:
+        raise CardError("JSON inside nested too deeply") from None
 
 
 # --- fields ------------------------------------------------------------------------

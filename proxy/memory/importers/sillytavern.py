@@ -220,6 +220,10 @@ def iter_chat(lines: Iterable[str | bytes], *, tz: tzinfo = UTC) -> Iterator[Cha
             yield LineError(number, f"not JSON: {exc.msg} at column {exc.colno}")
             first = False
             continue
+        except RecursionError:
+            yield LineError(number, "not JSON that can be read: nested too deeply")
+            first = False
+            continue
         if not isinstance(obj, dict):
             yield LineError(number, f"not a JSON object but {_json_kind(obj)}")
             first = False
