@@ -123,13 +123,10 @@ def build_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={
-            ProxyError: _proxy_error,
-            HTTPException: _http_error,
-            Exception: _unexpected_error,
-        },
+        exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error},
     )
-    app.add_middleware(CountRequests)
+    app.add_middleware(AnswerUnexpected)
+    app.add_middleware(CountRequests)  # outside: it counts AnswerUnexpected's 500s
     return app
 
 
@@ -254,13 +251,37 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_envelope(message, kind), status_code=exc.status_code)
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # The traceback goes to the log, never to the client.
-    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(
-        error_envelope("internal error in mnemoproxy; see its log", "server_error"),
-        status_code=500,
-    )
+class AnswerUnexpected:
+    """An unexpected exception becomes OpenAI's 500 envelope; the traceback goes to the
+    log, never to the client.
+
+    Starlette's own handler for `Exception` raises it again after answering, and the
+    server then drops the connection: a client's next request on it (kept alive) failed.
+    Here the answer ends the request, and the connection stays usable.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        def send_wrapper(message: Message) -> Awaitable[None]:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            return send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started:  # half an answer is out: only dropping the connection tells
+                raise
+            log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            envelope = error_envelope("internal error in mnemoproxy; see its log", "server_error")
+            await JSONResponse(envelope, status_code=500)(scope, receive, send)
 
 
 class CountRequests:

@@ -4,6 +4,9 @@ OpenAI's envelope, and the isolation between keys (404, never 403)."""
 
 from __future__ import annotations
 
+import json
+import socket
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -697,3 +700,52 @@ def test_metrics_show_job_queue_depth_and_failures(
     assert 'mnemoproxy_requests_total{route="/v1/chat/completions",status="200"}' in (
         httpx.get(f"{proxy.url}/metrics").text
     )
+
+
+def test_an_unexpected_error_is_a_500_envelope_and_the_connection_stays_usable(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    chat(proxy, up, "mira", [("user", "Hello.")])
+    wait_until(  # the turn is written after the reply: let it land first
+        lambda: any(
+            m["content"] == "Mira nods."
+            for m in ok(api(proxy, "GET", "/scopes/mira/transcript"))["messages"]
+        ),
+        what="the turn to be stored",
+    )
+    # A damaged row (written behind the proxy's back) breaks listing the scopes.
+    with sqlite3.connect(tmp_path / "memory.db") as conn:
+        conn.execute("UPDATE scopes SET settings = '[1]' WHERE name = 'mira'")
+    host, port = proxy.url.removeprefix("http://").split(":")
+    request = f"GET /memory/scopes HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        first = _read_response(sock)
+        assert first.startswith(b"HTTP/1.1 500 ")
+        body = json.loads(first.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["message"] == "internal error in mnemoproxy; see its log"
+        assert b"Traceback" not in first
+        # The same kept-alive connection answers the next request.
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One HTTP/1.1 response with a Content-Length, read whole."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection; got {data!r}"
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        rest += chunk
+    return head + b"\r\n\r\n" + rest
