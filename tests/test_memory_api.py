@@ -572,6 +572,23 @@ def test_export_import_round_trip_is_exact_and_the_chat_continues(
         ({"memories": [{"kind": "turn", "text": "a", "sources": [7]}]}, "sources"),
         ({"memories": [{"kind": "dream", "text": "a"}]}, "kind"),
         ({"memories": [{"kind": "fact", "text": "a", "superseded_by": 9}]}, "superseded"),
+        (
+            {"memories": [{"ref": 1, "kind": "fact", "text": "a", "superseded_by": 1}]},
+            "superseded by itself",
+        ),
+        (
+            {
+                "memories": [
+                    {"ref": 1, "kind": "fact", "text": "a", "superseded_by": 2},
+                    {"ref": 2, "kind": "fact", "text": "b", "superseded_by": 1},
+                ]
+            },
+            "superseded by itself",
+        ),
+        ({"messages": [{"seq": 1, "role": "wizard", "content": "a"}]}, "messages.0.role"),
+        ({"scope": {"settings": {"enabled": "no"}}}, "scope.settings.enabled"),
+        ({"scope": {"settings": {"enabled": 0}}}, "scope.settings.enabled"),
+        ({"scope": {"settings": {"scene": {"location": 5}}}}, "scope.settings.scene.location"),
         ({"style": {"text": "a", "message_seq": 4}}, "message_seq"),
         ({"messages": "none"}, "messages"),
     ],
@@ -586,6 +603,23 @@ def test_bad_scope_documents_are_refused_with_400(
     scope = api(proxy, "GET", "/scopes/doc")
     if scope.status_code == 200:  # created, but nothing half-imported
         assert ok(scope)["messages"]["active"] == 0 and ok(scope)["memories"]["active"] == 0
+
+
+def test_imported_settings_take_effect_and_unknown_ones_are_dropped(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    settings = {"enabled": False, "scene": {"location": "the harbour"}, "from_the_future": 5}
+    document = {"format": "mnemoproxy.scope", "version": 1, "scope": {"settings": settings}}
+    ok(api(proxy, "POST", "/scopes/doc/import", json=document))
+    scope = ok(api(proxy, "GET", "/scopes/doc"))
+    assert scope["settings"] == {"enabled": False, "style": True, "llm": True}
+    assert scope["scene"]["location"] == "the harbour"
+    exported = ok(api(proxy, "GET", "/scopes/doc/export"))["scope"]["settings"]
+    assert exported == {"enabled": False, "scene": {"location": "the harbour"}}
+    # Memory is off in this scope: the chat passes through with nothing injected.
+    chat(proxy, up, "doc", [("user", "Where are we?")])
+    assert memory_block(up.last["messages"]) is None
 
 
 # -- keys ---------------------------------------------------------------------------------

@@ -165,11 +165,26 @@ def check_document(doc: dict[str, Any]) -> None:
         later = memory.get("superseded_by")
         if later is not None and later not in refs:
             raise ValueError(f"memory {ref} is superseded by {later}, not in the document")
+    _check_supersession(dict(zip(refs, (m.get("superseded_by") for m in memories), strict=True)))
     style = doc.get("style") or {}
     if style.get("message_seq") is not None and style["message_seq"] not in seqs:
         raise ValueError(
             f"style.message_seq {style['message_seq']} is not a message of the document"
         )
+
+
+def _check_supersession(later_of: dict[int, int | None]) -> None:
+    """Refuse a memory superseded by itself, directly or through others."""
+    settled: set[int] = set()  # refs whose chain ends
+    for ref in later_of:
+        chain: list[int] = []
+        current: int | None = ref
+        while current is not None and current not in settled:
+            if current in chain:
+                raise ValueError(f"memory {current} is superseded by itself (via {chain})")
+            chain.append(current)
+            current = later_of.get(current)
+        settled.update(chain)
 
 
 @dataclass(frozen=True)

@@ -342,6 +342,8 @@ async def import_scope(call: Call) -> Any:
 
 def _document(body: api.ScopeDocument) -> dict[str, Any]:
     doc = body.model_dump()
+    # Only the settings the document sets: an unset one keeps its default.
+    doc["scope"]["settings"] = body.scope.settings.model_dump(exclude_none=True)
     exchange.check_document(doc)  # before the scope is made
     return doc
 

@@ -161,18 +161,36 @@ class TranscriptAppend(_In):
 # -- the scope document (request and response) -----------------------------------------
 
 
+class DocStyleEntry(_In):
+    text: str
+    source: Literal["auto", "manual"] = "manual"
+    updated_at: float | None = Field(None, ge=0, le=MAX_DATE)
+    replaced_at: float | None = Field(None, ge=0, le=MAX_DATE)
+
+
+class DocSettings(_In):
+    # A key this version does not know means nothing to it: dropped, not refused.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    enabled: bool | None = Field(None, strict=True)  # not "no" or 0: what was meant?
+    style: bool | None = Field(None, strict=True)
+    llm: bool | None = Field(None, strict=True)
+    scene: SceneIn | None = None
+    style_history: list[DocStyleEntry] | None = None
+
+
 class DocScope(_In):
     name: str | None = None
     label: str | None = None
     created_at: float | None = Field(None, ge=0, le=MAX_DATE)
     last_seen: float | None = Field(None, ge=0, le=MAX_DATE)
-    settings: dict[str, Any] = {}
+    settings: DocSettings = DocSettings()
 
 
 class DocMessage(_In):
     seq: int | None = Field(None, ge=1, le=MAX_ID)
     thread: int = Field(0, ge=0, le=MAX_ID)
-    role: str = Field(min_length=1)
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     speaker: str | None = None
     content: str
     raw: dict[str, Any] | None = None
