@@ -114,6 +114,13 @@ def test_invalid_path_or_header_scope_is_refused() -> None:
         resolve_scope(path_scope="../etc", headers={}, body=st_body())
     with pytest.raises(InvalidScope, match="slashes"):
         resolve_scope(path_scope=None, headers={"x-memory-scope": "a/b"}, body=st_body())
+    # Header bytes arrive decoded as latin-1; the error shows the name as the client
+    # wrote it (UTF-8), not as mojibake, nor an emoji as "control characters".
+    for name, shown in (("héllo", "'héllo'"), ("chat-🐉", "'chat-🐉'")):
+        latin1 = name.encode().decode("latin-1")
+        with pytest.raises(InvalidScope) as caught:
+            resolve_scope(path_scope=None, headers={"x-memory-scope": latin1}, body=st_body())
+        assert shown in str(caught.value) and "control" not in str(caught.value)
 
 
 def test_empty_header_scope_counts_as_absent() -> None:

@@ -61,6 +61,15 @@ class Names:
     user: str | None
 
 
+def _as_sent(value: str) -> str:
+    """A header value as the client wrote it: the server decodes header bytes as
+    latin-1, where clients send UTF-8 ("héllo" would read "hÃ©llo")."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
 def validate_scope_name(name: str) -> str:
     """Return `name` if it is a usable scope name, else raise `InvalidScope`.
 
@@ -134,7 +143,7 @@ def resolve_scope(
 
     header_scope = headers.get("x-memory-scope")
     if header_scope:
-        return ScopeRef(validate_scope_name(header_scope), "header", names.char)
+        return ScopeRef(validate_scope_name(_as_sent(header_scope)), "header", names.char)
 
     owui_label = _owui_user_name(headers.get("x-openwebui-user-name"))
     chat_id = (headers.get("x-openwebui-chat-id") or "").strip()
