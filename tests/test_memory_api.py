@@ -783,3 +783,25 @@ def _read_response(sock: socket.socket) -> bytes:
         assert chunk, "the server closed the connection mid-body"
         rest += chunk
     return head + b"\r\n\r\n" + rest
+
+
+def test_a_lone_surrogate_in_a_message_does_not_cost_the_turn(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    # JSON allows "\ud83d" alone (a client that cut an emoji in half sends one); no
+    # UTF-8 text can hold it, so it is stored as U+FFFD, and the turn is kept.
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    up.enqueue(Reply(text="Mira smiles."))
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Look \ud83d!"}]}
+    response = httpx.post(
+        f"{proxy.url}/s/cut/v1/chat/completions",
+        content=json.dumps(body).encode(),  # ensure_ascii: the escape, as a browser sends it
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 200 and "x-memory-error" not in response.headers
+
+    def contents() -> list[str]:
+        return [m["content"] for m in ok(api(proxy, "GET", "/scopes/cut/transcript"))["messages"]]
+
+    wait_until(lambda: contents() == ["Look \ufffd!", "Mira smiles."], what="the turn")

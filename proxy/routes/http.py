@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,17 +38,36 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """Parse a JSON object body, with a 400 that says what is wrong."""
+    """Parse a JSON object body, with a 400 that says what is wrong.
+
+    A lone UTF-16 surrogate ("\\ud83d": JSON allows it, and a client that cut an emoji
+    in half sends one) becomes U+FFFD: no UTF-8 text, so no stored message, can hold it.
+    """
     if not body.strip():
         raise BadRequest("request body is empty; expected a JSON object")
     try:
         data = json.loads(body)
+        if b"\\ud" in body or b"\\uD" in body:  # an escaped surrogate, maybe a lone one
+            data = _without_lone_surrogates(data)
     # RecursionError: nested too deeply for the parser.
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
     return data
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins the paired ones
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 class ClientGone(Exception):
