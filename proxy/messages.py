@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 CONVERSATION_ROLES = frozenset({"user", "assistant", "tool", "function"})
@@ -29,3 +30,18 @@ def message_text(message: dict[str, Any]) -> str:
 def is_conversation(message: dict[str, Any]) -> bool:
     """Whether a message is part of the conversation (not a system/developer prompt)."""
     return message.get("role") in CONVERSATION_ROLES
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins the paired ones
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """Parsed JSON with each lone UTF-16 surrogate in its strings (JSON allows "\\ud83d"
+    alone) replaced by U+FFFD: no UTF-8 text, so nothing stored, can hold one."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {without_lone_surrogates(k): without_lone_surrogates(v) for k, v in value.items()}
+    return value

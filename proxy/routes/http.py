@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError
+from proxy.messages import without_lone_surrogates
 
 
 def request_headers(scope: Scope) -> dict[str, str]:
@@ -48,26 +48,13 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
         if b"\\ud" in body or b"\\uD" in body:  # an escaped surrogate, maybe a lone one
-            data = _without_lone_surrogates(data)
+            data = without_lone_surrogates(data)
     # RecursionError: nested too deeply for the parser.
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
     return data
-
-
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins the paired ones
-
-
-def _without_lone_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return _LONE_SURROGATE.sub("\ufffd", value)
-    if isinstance(value, list):
-        return [_without_lone_surrogates(item) for item in value]
-    if isinstance(value, dict):
-        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
-    return value
 
 
 class ClientGone(Exception):
