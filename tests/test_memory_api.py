@@ -805,3 +805,34 @@ def test_a_lone_surrogate_in_a_message_does_not_cost_the_turn(
         return [m["content"] for m in ok(api(proxy, "GET", "/scopes/cut/transcript"))["messages"]]
 
     wait_until(lambda: contents() == ["Look \ufffd!", "Mira smiles."], what="the turn")
+
+
+def test_a_system_message_after_the_users_message_is_still_a_turn(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    # SillyTavern sends post-history instructions (and an author's note at depth 0, a
+    # group's nudge) after the history; only a system instruction after the last
+    # reply, with no new user message, is the app's own utility call.
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    after = {"role": "system", "content": "[Post-History Instructions: stay in character.]"}
+
+    def send(history: list[tuple[str, str]], reply: str, tail: dict[str, str]) -> None:
+        up.enqueue(Reply(text=reply))
+        body = st_body(history)
+        body["messages"].append(tail)
+        response = httpx.post(f"{proxy.url}/s/phi/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 200 and "x-memory-error" not in response.headers
+
+    def active() -> list[str]:
+        messages = ok(api(proxy, "GET", "/scopes/phi/transcript"))["messages"]
+        return [m["content"] for m in messages if m["state"] == "active"]
+
+    send([("user", "P1")], "R1", after)
+    send([("user", "P1"), ("assistant", "R1"), ("user", "P2")], "R2", after)
+    wait_until(lambda: active()[-4:] == ["P1", "R1", "P2", "R2"], what="both turns")
+    summarize = {"role": "system", "content": "[Pause your roleplay. Summarize the story.]"}
+    history = [("user", "P1"), ("assistant", "R1"), ("user", "P2"), ("assistant", "R2")]
+    send(history, "A summary of the story.", summarize)  # read memory, write nothing
+    send([*history, ("user", "P3")], "R3", after)
+    wait_until(lambda: "R3" in active(), what="the third turn")
+    assert active()[-6:] == ["P1", "R1", "P2", "R2", "P3", "R3"]

@@ -593,9 +593,21 @@ def _kept_ids(alignment: Alignment, trim: Trim) -> set[int]:
 
 
 def _is_utility_call(messages: list[dict[str, Any]]) -> bool:
-    """An app's own utility prompt (summarize, impersonate...) ends with a system
-    instruction rather than the user's message: read memory, write nothing."""
-    return bool(messages) and messages[-1].get("role") in ("system", "developer")
+    """An app's own utility prompt (summarize, impersonate...): an instruction in a
+    system message after the chat's last reply, with no new user message. Read memory,
+    write nothing.
+
+    A system message after the user's new message is part of an ordinary turn:
+    SillyTavern's post-history instructions, an author's note at depth 0, a group
+    chat's "[Write the next reply only as Bob.]". A reply that a skipped request got
+    (one character answering another in a group) is stored from the next request.
+    """
+    if not messages or messages[-1].get("role") not in ("system", "developer"):
+        return False
+    for message in reversed(messages):
+        if message.get("role") not in ("system", "developer"):
+            return message.get("role") != "user"
+    return False  # nothing but instructions: no chat to take a turn from
 
 
 def parse_now(value: str | None) -> float:
