@@ -495,3 +495,28 @@ def test_an_index_built_once_serves_every_request_unchanged() -> None:
         assert align(messages, index) == align(messages, store.stored())
     # Aligning looks things up and never adds to them (the index is shared).
     assert {fp: list(p) for fp, p in index.positions.items()} == positions
+
+
+def test_edit_of_the_first_message_after_the_greeting_is_an_edit() -> None:
+    store = Store()
+    history = chat_of(store, 3)  # u1 a1 u2 a2 u3 a3
+    old = store.ids_of(*[text for _, text in history])
+    edited = [("user", "message 1 from Alex, but kinder"), *history[1:]]
+    messages = st_request([*edited, ("user", "message 4 from Alex")])
+    result = store.receive(messages)
+    assert result.kind == "diverged" and result.skipped == ()
+    assert result.undone == old
+    assert result.new == tuple(range(5, len(messages)))
+    assert result.reuses == tuple(zip(range(6, 11), old[1:], strict=True))
+    assert store.texts() == conv_texts(messages)
+    assert "message 1 from Alex" in store.retracted
+
+
+def test_a_new_chat_with_the_same_greeting_undoes_nothing() -> None:
+    store = Store()
+    chat_of(store, 3)
+    before = store.texts()
+    messages = st_request([("user", "A new story: we meet at the harbour.")])
+    result = store.receive(messages, reply="*Seraphina waves.*")
+    assert result.kind == "new_chat" and result.undone == ()
+    assert store.texts()[: len(before)] == before

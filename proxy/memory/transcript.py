@@ -154,7 +154,10 @@ def align(
       chat: another candidate is tried, and failing all, it is a new chat;
     - if no run starts at the body's first message (an edit of the first message of
       a window the app already cut), a later run is accepted only if it is sure in
-      the sense above; the messages before it are `skipped`;
+      the sense above; the messages before it are `skipped`. Unless the request
+      opens with the chat's greeting and then as many messages as the store holds
+      between it and the run: the chat's first messages were edited, so everything
+      after the greeting is undone and the body is new (as for any edit);
     - with no acceptable run it is a new chat (or an empty store): nothing undone,
       everything not yet stored appended. An identical request sent twice (retry,
       swipe) undoes the reply stored after it and stores nothing twice; a user
@@ -185,6 +188,23 @@ def align(
             new=tuple(greet_unmatched + [conv[j] for j in body]),
         )
 
+    if run.first > n_greet and _edits_after_greeting(greeting, run, chains, run.first - n_greet):
+        # The chat's greeting, then as many messages as the store holds there, then
+        # the run: those first messages were edited (an app that cut its window would
+        # have cut the greeting first). As for an edit further down, everything after
+        # the greeting is undone and the request's messages are new.
+        anchor = greeting[-1]
+        assert anchor is not None  # the whole greeting is matched
+        after = chains.after(anchor)
+        new = tuple(conv[j] for j in body)
+        return Alignment(
+            kind="diverged",
+            matched=tuple(greet_matched),
+            undone=tuple(stored[p].id for p in after),
+            new=new,
+            reuses=_reuses(new, conv, fps, [stored[p] for p in after]),
+            thread=run.thread,
+        )
     matched = greet_matched + [
         (conv[run.first + t], stored[p].id) for t, p in enumerate(run.positions)
     ]
@@ -362,6 +382,17 @@ def _contiguous(greeting: list[int | None], run: _Run, chains: _Chains) -> bool:
     # Leading assistant messages stored right before the run in its chat: the first
     # messages of the window (an app cuts by tokens, not by turns), or the greeting.
     return bool(greeting) and greeting == chains.before(run.start, len(greeting))
+
+
+def _edits_after_greeting(
+    greeting: list[int | None], run: _Run, chains: _Chains, edited: int
+) -> bool:
+    """Whether the whole greeting is stored right before `edited` messages that come
+    right before the run, in the run's chat."""
+    if not greeting or None in greeting:
+        return False
+    before = chains.before(run.start, len(greeting) + edited)
+    return len(before) == len(greeting) + edited and before[: len(greeting)] == greeting
 
 
 def _window_start(greeting: list[int | None], run: _Run, chains: _Chains) -> int:
