@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.memory import facts as facts_module
 from proxy.memory import jobs, records
 from tests.background_helpers import (
     MemoryModel,
@@ -285,3 +286,30 @@ def test_a_scope_can_turn_background_llm_work_off(
     wait_for_jobs(db)
     assert model.count("facts") == 1
     assert [j.kind for j in all_jobs(db)].count("extract") == 1
+
+
+def test_an_edit_far_back_is_extracted_again_in_bounded_batches(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    # Editing the first message re-appends the whole rest of the chat; its extraction
+    # goes in prompts of at most MAX_BATCH_MESSAGES new messages, none squeezed.
+    sizes: list[int] = []
+
+    def facts(body: dict[str, Any]) -> dict[str, Any]:
+        new = prompt_of(body).split("New messages:")[-1]
+        sizes.append(len(re.findall(r"^\[\d+\] ", new, flags=re.MULTILINE)))
+        return {"facts": []}
+
+    up.responder = MemoryModel(facts=facts, chat=lambda body: "Mira listens.")
+    proxy = background_proxy(make_proxy, up, tmp_path)
+    db = tmp_path / "memory.db"
+    history: list[tuple[str, str]] = []
+    for i in range(10):
+        history = say(proxy, history, filler(i))
+    wait_for_jobs(db)
+    sizes.clear()
+    edited = [("user", "Turn 0, said differently."), *history[1:]]
+    say(proxy, edited, "And now?")
+    wait_for_jobs(db)
+    assert sum(sizes) == len(edited) + 2  # the edited chat, the new turn and its reply
+    assert max(sizes) <= facts_module.MAX_BATCH_MESSAGES

@@ -47,7 +47,7 @@ _MESSAGE_CHARS = 3000  # of each new message
 _MIN_MESSAGE_CHARS = 80  # less room than this per new message: the window is too small
 _QUERY_CHARS = 2000  # of the new messages, as the search for related facts
 _MIN_SIMILARITY = 0.3
-MAX_BATCH_MESSAGES = 12  # new messages in one extraction, when jobs are taken along
+MAX_BATCH_MESSAGES = 12  # new messages in one extraction: a job's, or jobs taken along
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -110,16 +110,21 @@ def queue_extract(
     message_ids: Sequence[int],
     target: dict[str, Any],
     now: float,
-) -> int | None:
-    """Queue fact extraction from the user and assistant messages among `message_ids`."""
+) -> list[int]:
+    """Queue fact extraction from the user and assistant messages among `message_ids`,
+    at most MAX_BATCH_MESSAGES a job (an edit far back re-appends the whole rest of the
+    chat: one prompt would squeeze each message into a sliver of the window)."""
     ids = [
         row.id
         for row in records.get_messages(conn, scope_id, ids=message_ids)
         if row.role in ("user", "assistant") and row.content.strip()
     ]
-    if not ids:
-        return None
-    return jobs.enqueue(conn, EXTRACT_JOB, {"message_ids": ids, **target}, scope_id, now)
+    return [
+        jobs.enqueue(conn, EXTRACT_JOB, {"message_ids": batch, **target}, scope_id, now)
+        for batch in (
+            ids[i : i + MAX_BATCH_MESSAGES] for i in range(0, len(ids), MAX_BATCH_MESSAGES)
+        )
+    ]
 
 
 def restore_superseded(

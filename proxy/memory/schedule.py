@@ -152,9 +152,7 @@ def after_turn(
         return queued
     target = {"upstream": turn.upstream, "model": turn.model}
     if config.facts and new_ids:
-        job = facts.queue_extract(conn, scope_id, new_ids, target, now)
-        if job is not None:
-            queued.append(job)
+        queued += facts.queue_extract(conn, scope_id, new_ids, target, now)
     if config.summary and window_id is not None:
         job = summary.queue_if_due(conn, scope_id, window_id, config.summary_every, target, now)
         if job is not None:
