@@ -194,7 +194,9 @@ class MemorySettings(_Section):
 class CapsSettings(_Section):
     """Token caps of the memory block and each of its sections."""
 
-    total: int = Field(default=1500, ge=0, description="The whole memory block.")
+    total: int = Field(
+        default=1500, ge=0, description="The whole memory block (at most half the prompt budget)."
+    )
     summary: int = Field(default=400, ge=0, description="The rolling summary.")
     memories: int = Field(default=800, ge=0, description="Retrieved memories.")
     style: int = Field(default=250, ge=0, description="The style sample.")

@@ -249,3 +249,11 @@ def test_a_built_block_placed_into_a_prompt(counter):
     )
     placed = place_block(chat(), block.text)
     assert re.search(r"\[2026-11-02 \(Mon\)\] Mira: The reef lies east\.", placed[-2]["content"])
+
+
+def test_caps_within_a_small_room_shrink_every_section_in_proportion() -> None:
+    caps = Caps(summary=400, memories=800, style=300, notes=200, scene=200, total=1600)
+    assert caps.within(1600) is caps and caps.within(5000) is caps
+    half = caps.within(800)
+    assert half == Caps(summary=200, memories=400, style=150, notes=100, scene=100, total=800)
+    assert caps.within(-5).total == 0 and caps.within(0).style == 0

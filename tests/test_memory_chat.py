@@ -413,3 +413,22 @@ def test_budget_learns_the_upstreams_own_token_counts(
     # In the upstream's own tokens the prompt now fits its window.
     assert 2 * sent_after <= WINDOW - MAX_TOKENS
     assert sent_after < sent_before
+
+
+def test_in_a_small_window_the_block_leaves_the_latest_turns_room(
+    make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    with FakeUpstream(flavor="llamacpp", context_window=1400) as small:
+        proxy = memory_proxy(make_proxy, small, tmp_path)
+        history = play(proxy, small, [filler(i) for i in range(20)])
+        # A question about what the latest turns say: recall finds them all.
+        history.append(("user", "Do we still walk on along the road in grey weather?"))
+        response = chat(proxy, st_body(history, max_tokens=300))
+        sent = small.last["messages"]
+        kept = [m["content"] for m in sent if m["role"] in ("user", "assistant")]
+        # The newest turns stay in the chat, not only the last message.
+        assert len(kept) >= 4 and kept[-4:] == [text for _, text in history[-4:]]
+        block = memory_block(sent)
+        assert block is not None and int(response.headers["x-memory-injected"]) > 0
+        budget = 1400 - 300 - MARGIN
+        assert TokenCounter("o200k_base").count_text(block) <= budget // 2

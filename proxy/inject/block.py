@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from proxy.inject.templates import Templates, format_fields, render
 from proxy.inject.tokens import TokenCounter
@@ -63,6 +63,16 @@ class Caps:
     notes: int = 200
     scene: int = 200
     total: int = 1600
+
+    def within(self, total: int) -> Caps:
+        """These caps for a block of at most `total` tokens: every section's shrunk in
+        proportion, so that a small window still gets some of each (the style sample,
+        last in priority, too), not the first sections' full caps and nothing else."""
+        if total >= self.total:
+            return self
+        ratio = max(0, total) / self.total
+        sections = {f.name: int(getattr(self, f.name) * ratio) for f in fields(self)}
+        return Caps(**{**sections, "total": max(0, total)})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import cachetools
@@ -200,7 +200,9 @@ class Remember:
         available = int(budget.available / self._token_ratio.get(calibration, 1.0))
         counter = self._counter(route.model)
         slack = int(available * mem.trim_slack)
-        reserve = self.caps.total + counter.per_message
+        # The block may take at most half of a small window: the latest turns matter
+        # more than anything recalled (and would otherwise come back as memories).
+        reserve = min(self.caps.total, available // 2) + counter.per_message
         trim = trim_history(messages, counter, available, reserve=reserve, slack=slack)
         lap("budget_ms")
 
@@ -379,7 +381,7 @@ class Remember:
         )
         # The block gets at most the room the kept history leaves in the budget.
         room = max(0, available - trim.tokens - counter.per_message)
-        caps = self.caps if room >= self.caps.total else replace(self.caps, total=room)
+        caps = self.caps.within(room)
         block = build_block(inp, counter, self.templates, caps)
         reserve = block.tokens + counter.per_message if block.text else 0
         if not trim.dropped:
