@@ -125,8 +125,7 @@ def build_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error},
     )
-    app.add_middleware(AnswerUnexpected)
-    app.add_middleware(CountRequests)  # outside: it counts AnswerUnexpected's 500s
+    app.add_middleware(CountRequests)
     return app
 
 
@@ -251,41 +250,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_envelope(message, kind), status_code=exc.status_code)
 
 
-class AnswerUnexpected:
-    """An unexpected exception becomes OpenAI's 500 envelope; the traceback goes to the
-    log, never to the client.
+class CountRequests:
+    """Counts answered requests by route and status for /metrics, and answers an
+    unexpected exception with OpenAI's 500 envelope (the traceback goes to the log,
+    never to the client).
 
     Starlette's own handler for `Exception` raises it again after answering, and the
-    server then drops the connection: a client's next request on it (kept alive) failed.
-    Here the answer ends the request, and the connection stays usable.
-    """
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        def send_wrapper(message: Message) -> Awaitable[None]:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            return send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except Exception as exc:
-            if started:  # half an answer is out: only dropping the connection tells
-                raise
-            log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
-            envelope = error_envelope("internal error in mnemoproxy; see its log", "server_error")
-            await JSONResponse(envelope, status_code=500)(scope, receive, send)
-
-
-class CountRequests:
-    """Counts answered requests by route and status for /metrics.
+    server then drops the connection: a client's next request on it (kept alive)
+    failed. Here the answer ends the request, and the connection stays usable.
 
     It sees every message of every response, so it is kept cheap: the wrapper is a
     plain function that returns `send`'s own awaitable (no coroutine of its own per
@@ -309,6 +281,12 @@ class CountRequests:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if status:  # half an answer is out: only dropping the connection tells
+                raise
+            log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            envelope = error_envelope("internal error in mnemoproxy; see its log", "server_error")
+            await JSONResponse(envelope, status_code=500)(scope, receive, send_wrapper)
         finally:
             state = getattr(scope["app"].state, "proxy", None) if "app" in scope else None
             if state is not None and status:

@@ -21,6 +21,9 @@ from typing import Any, NamedTuple
 from proxy.memory.db import Connection, StoreError
 
 MEMORY_KINDS = ("turn", "fact", "summary", "insight", "note")
+# The last date the store holds, 9999-12-31T23:59:59Z in unix seconds (the first is
+# 1970-01-01): what exports carry, so that every stored date can be imported again.
+MAX_DATE = 253402300799.0
 # SQLite's historical limit on bound parameters is 999; stay well below it.
 _CHUNK = 500
 

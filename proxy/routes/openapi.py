@@ -15,8 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from proxy.memory.records import MEMORY_KINDS
-from proxy.routes.validation import MAX_DATE
+from proxy.memory.records import MAX_DATE, MEMORY_KINDS
 
 # A scope name (see proxy.memory.scope.validate_scope_name) as a regex without
 # look-ahead: runs of allowed characters joined by single dots.

@@ -10,10 +10,8 @@ from datetime import datetime
 from typing import Any
 
 from proxy.errors import BadRequest
+from proxy.memory.records import MAX_DATE
 
-# Dates the store holds, in unix seconds: 1970-01-01 to 9999-12-31 (what exports
-# carry, so that every stored date can be imported again).
-MAX_DATE = 253402300799.0
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 

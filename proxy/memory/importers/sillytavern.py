@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
+from proxy.memory.records import MAX_DATE
+
 __all__ = [
     "ChatHeader",
     "LineError",
@@ -112,8 +114,6 @@ _DIGITS = re.compile(r"\d+(?:\.\d+)?")
 # Below this an epoch number is taken as seconds, not milliseconds: 1e11 ms is March
 # 1973, long before any chat app, while 1e11 s is the year 5138.
 _SECONDS_BELOW = 1e11
-# 9999-12-31T23:59:59Z: the last date the store holds (the first is 1970-01-01).
-_LAST_DATE = 253402300799.0
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ def parse_st_date(value: Any, *, tz: tzinfo = UTC) -> float | None:
     the store holds none (nor could its export be imported again).
     """
     seconds = _read_st_date(value, tz)
-    return seconds if seconds is not None and 0 <= seconds <= _LAST_DATE else None
+    return seconds if seconds is not None and 0 <= seconds <= MAX_DATE else None
 
 
 def _read_st_date(value: Any, tz: tzinfo) -> float | None:
@@ -382,7 +382,7 @@ def _epoch(number: float) -> float | None:
     if not math.isfinite(number) or number < 0:
         return None
     seconds = number if number < _SECONDS_BELOW else number / 1000.0
-    return seconds if seconds <= _LAST_DATE else None
+    return seconds if seconds <= MAX_DATE else None
 
 
 def _stamp(moment: datetime, tz: tzinfo) -> float:
