@@ -355,6 +355,7 @@ class LocalEmbedder(_ThreadedEmbedder):
                     path / "tokenizer.json",
                     max_seq_length=int(model.max_seq_length),
                     threads=self.threads,
+                    per_text=True,
                 )
 
             built = build_query_model(model, path, self.query_cache, self.model_id)

@@ -4,17 +4,19 @@ Every chat request waits for its query's embedding, so that one text is on the r
 path; the stored memories are embedded in the background, where throughput matters and
 latency does not. On this project's machine torch takes ~17 ms for a short question
 with all-MiniLM-L6-v2 (most of it per-op overhead), where ONNX Runtime runs the same
-network in ~6 ms, and in ~4 ms with 8-bit weights (which also fit the CPU cache where
-float32 ones do not): bench/embed_latency.py.
+network in ~6 ms in float32 and in ~3 ms with this copy's 8-bit matrix products:
+bench/embed_latency.py.
 
-`build_query_model` turns the loaded model into that file once (export with torch,
-fuse attention and layer norms with onnxruntime's transformer optimizer where the
-architecture is BERT's, quantize the weights of the matrix products to 8 bits in
-blocks, as ONNX Runtime's MatMulNBits) and keeps it in a cache directory under a key of
-the model's files and the tool versions. `OnnxEncoder` runs it (and the `onnx`
-backend's int8 file). The embedder checks its vectors against the torch model's own
-before using it (cosine >= `MIN_COSINE`), so the queries land in the space of the
-stored vectors; anything unexpected leaves queries on torch.
+`build_query_model` turns the loaded model into that file once and keeps it in a cache
+directory under a key of the model's files and the tool versions: export with torch;
+fuse layer norms and GELU with onnxruntime's transformer optimizer where the
+architecture is BERT's; split each fused attention back into its input projection and
+the attention proper (`_unfuse_attention`); make every matrix product 8-bit but for
+its few outlier input channels (`_quantize_products`). `OnnxEncoder` runs it (and the
+`onnx` backend's int8 file). The embedder checks its vectors against the torch model's
+own before using it (cosine >= `MIN_COSINE`), so the queries land in the space of the
+stored vectors; anything unexpected leaves queries on torch. How close they land on
+real chat text, and what that does to the nearest memories: bench/query_agreement.py.
 """
 
 from __future__ import annotations
@@ -39,21 +41,34 @@ from proxy.memory.embed import normalize_rows
 log = logging.getLogger("mnemoproxy.embed")
 
 # Bump when the build steps change, so that files built the old way are not reused.
-RECIPE = 2
-# MatMulNBits block size. On short texts ("ok", "yes") the worst cosine to torch's
-# vectors was 0.9992 at 32 and 0.9976 at 64 (~0.5 ms faster); longer ones kept 0.9998.
-BLOCK_SIZE = 32
+RECIPE = 3
+# Input channels of each matrix product kept in float32 (see `_quantize_products`).
+OUTLIER_CHANNELS = 8
 # A copy built by other versions of the model or tools is removed once unused this long.
 UNUSED_DAYS = 30
 # A build's work directory untouched this long belongs to a killed build.
 ABANDONED_AFTER_S = 3600
-# Below this cosine to the torch model's vectors the copy is not used.
-MIN_COSINE = 0.999
+# Below this cosine to the torch model's vectors the copy is not used: it is built
+# wrong. A sound copy is at ~0.998 for "ok" and ~0.9995 for a chat message.
+MIN_COSINE = 0.995
 PROBES = (
     "Do you remember the lighthouse we found last winter?",
     "*Mira looks up from the map and smiles.* Well met, traveler. The river road is "
     "flooded again, so we will have to go through the old forest instead.",
     "ok",
+)
+# Texts whose activations pick each product's outlier channels. A transformer's are the
+# same few whatever the text (they carry its attention sinks); varied texts find them.
+CALIBRATION = (
+    *PROBES,
+    "What did we decide about the cabin in the mountains?",
+    "I told you my sister's name is Anna, remember?",
+    "*She laughs and shakes her head.* You never listen, do you?",
+    "Can you recommend a good book about the history of Rome?",
+    "The meeting moved to Thursday at 3 pm; bring the budget and the new contract.",
+    "Ich habe gestern meine Großmutter besucht.",
+    "yes",
+    "lol that's hilarious",
 )
 
 
@@ -78,10 +93,11 @@ def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".building-") as tmp:
         plain = Path(tmp) / "model.onnx"
         _export(transformer, plain)
-        model = _optimize(plain, transformer.auto_model.config)
-        quantized = _quantize(model)
+        model = _optimize(plain, transformer.auto_model.config).model
+        _unfuse_attention(model)
+        _quantize_products(model, _input_ranges(model, transformer.tokenizer))
         partial = Path(tmp) / "quantized.onnx"
-        quantized.save_model_to_file(str(partial))
+        _save(model, partial)
         os.replace(partial, target)  # atomic: a reader never sees half a file
     log.info("built the fast query model %s", target)
     # Copies of this model built by other versions (~60 MB each) that no install has
@@ -130,7 +146,7 @@ def _key(model_dir: Path) -> str:
         for p in model_dir.rglob("*")
         if p.is_file()
     )
-    material = [RECIPE, BLOCK_SIZE, str(model_dir.resolve()), files]
+    material = [RECIPE, OUTLIER_CHANNELS, str(model_dir.resolve()), files]
     material += [torch.__version__, onnxruntime.__version__]
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()[:16]
 
@@ -197,15 +213,153 @@ def _optimize(path: Path, config: Any) -> Any:
         )
 
 
-def _quantize(model: Any) -> Any:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def _unfuse_attention(model: Any) -> None:
+    """Each fused self-attention node (`Attention`, float32 weights only) as its input
+    projection, a plain MatMul that `_quantize_products` can make 8-bit, and ONNX
+    Runtime's `MultiHeadAttention` on the projected queries, keys and values."""
+    from onnx import helper, numpy_helper
 
-    with _quiet():
-        quantizer = MatMulNBitsQuantizer(
-            model.model, bits=8, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (
+            node.op_type != "Attention"
+            or node.domain != "com.microsoft"
+            or set(attrs) != {"num_heads"}  # past state, causal masks...: left fused
+            or len(node.input) not in (3, 4)
+            or node.input[1] not in weights
+            or node.input[2] not in weights
+        ):
+            nodes.append(node)
+            continue
+        hidden = numpy_helper.to_array(weights[node.input[1]]).shape[1] // 3
+        name = node.name or node.output[0]
+        qkv, parts = f"{name}/qkv", [f"{name}/{p}" for p in ("q", "k", "v")]
+        sizes = numpy_helper.from_array(np.array([hidden] * 3, dtype=np.int64), f"{name}/sizes")
+        graph.initializer.append(sizes)
+        mask = node.input[3] if len(node.input) == 4 else ""
+        nodes += [
+            helper.make_node("MatMul", [node.input[0], node.input[1]], [f"{qkv}/raw"]),
+            helper.make_node("Add", [f"{qkv}/raw", node.input[2]], [qkv]),
+            helper.make_node("Split", [qkv, sizes.name], parts, axis=-1),
+            helper.make_node(
+                "MultiHeadAttention",
+                [*parts, "", mask],  # no bias: added above; the mask pads keys alike
+                list(node.output),
+                name=name,
+                domain="com.microsoft",
+                num_heads=attrs["num_heads"],
+            ),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _products(model: Any) -> list[tuple[int, Any, np.ndarray]]:
+    """The MatMul nodes whose second input is a constant 2-D float32 matrix: their
+    positions in the graph, the nodes and the matrices."""
+    from onnx import numpy_helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    found = []
+    for position, node in enumerate(model.graph.node):
+        if node.op_type == "MatMul" and node.domain == "" and node.input[1] in weights:
+            matrix = numpy_helper.to_array(weights[node.input[1]])
+            if matrix.ndim == 2 and matrix.dtype == np.float32:
+                found.append((position, node, matrix))
+    return found
+
+
+def _input_ranges(model: Any, tokenizer: Any) -> dict[str, np.ndarray]:
+    """Per matrix product's input: the largest magnitude of each channel over the
+    CALIBRATION texts, from the float32 graph."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = list(dict.fromkeys(node.input[0] for _, node, _ in _products(model)))
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names
+    )
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    ranges: dict[str, np.ndarray] = {}
+    for text in CALIBRATION:
+        encoded = tokenizer(text, return_tensors="np")
+        feeds = {k: np.asarray(v, dtype=np.int64) for k, v in encoded.items() if k in wanted}
+        for name, value in zip(names, session.run(names, feeds), strict=True):
+            peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            ranges[name] = np.maximum(ranges.get(name, peak), peak)
+    return ranges
+
+
+def _quantize_products(model: Any, ranges: dict[str, np.ndarray]) -> None:
+    """Every matrix product with constant weights as an 8-bit one, except its
+    OUTLIER_CHANNELS input channels of largest range, kept in float32.
+
+    `DynamicQuantizeMatMul` quantizes its input to 8 bits per call with one scale for
+    the whole tensor, and runs ONNX Runtime's fast integer kernels (3-4x the float
+    speed here; MatMulNBits, which scales each block of 32 values, ran at float speed).
+    One scale is faithful only without a transformer's few outlier channels, whose
+    values run 10-30x the others': those are multiplied in float32 on their own and
+    added back (LLM.int8()'s decomposition). Weights are 8-bit per output column.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    replaced: dict[int, list[Any]] = {}
+    for position, node, matrix in _products(model):
+        x, y = node.input[0], node.output[0]
+        name = node.name or y
+        outliers = np.sort(np.argsort(-ranges[x], kind="stable")[:OUTLIER_CHANNELS])
+        keep = np.ones(matrix.shape[0], dtype=np.float32)
+        keep[outliers] = 0.0
+        kept = matrix * keep[:, None]
+        scale = np.maximum(np.abs(kept).max(axis=0), 1e-12) / 127.0
+        quantized = np.clip(np.round(kept / scale), -127, 127).astype(np.int8)
+        graph.initializer.extend(
+            numpy_helper.from_array(value, f"{name}/{suffix}")
+            for suffix, value in (
+                ("keep", keep),
+                ("q8", quantized),
+                ("scale", scale.astype(np.float32)),
+                ("channels", outliers.astype(np.int64)),
+                ("outlier_weights", matrix[outliers]),
+            )
         )
-        quantizer.process()
-    return quantizer.model
+        replaced[position] = [
+            helper.make_node("Mul", [x, f"{name}/keep"], [f"{name}/kept"]),
+            helper.make_node(
+                "DynamicQuantizeMatMul",
+                [f"{name}/kept", f"{name}/q8", f"{name}/scale"],
+                [f"{name}/main"],
+                name=f"{name}/q8",
+                domain="com.microsoft",
+            ),
+            helper.make_node("Gather", [x, f"{name}/channels"], [f"{name}/outliers"], axis=-1),
+            helper.make_node(
+                "MatMul", [f"{name}/outliers", f"{name}/outlier_weights"], [f"{name}/rest"]
+            ),
+            helper.make_node("Add", [f"{name}/main", f"{name}/rest"], [y]),
+        ]
+    nodes = [new for i, node in enumerate(graph.node) for new in replaced.get(i, [node])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for node in graph.node for i in node.input}
+    unused = [t for t in graph.initializer if t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _save(model: Any, path: Path) -> None:
+    import onnx
+
+    onnx.save_model(model, str(path))
 
 
 @contextlib.contextmanager
@@ -228,10 +382,20 @@ def _quiet() -> Iterator[None]:
 
 
 class OnnxEncoder:
-    """An ONNX text encoder: tokenize, run, mean-pool over the mask, L2-normalise."""
+    """An ONNX text encoder: tokenize, run, mean-pool over the mask, L2-normalise.
+
+    `per_text`: run each text on its own, never padded into a batch, as the fast query
+    copy needs (its 8-bit products scale each run's whole input, padding included).
+    """
 
     def __init__(
-        self, model_path: Path, tokenizer_path: Path, *, max_seq_length: int, threads: int
+        self,
+        model_path: Path,
+        tokenizer_path: Path,
+        *,
+        max_seq_length: int,
+        threads: int,
+        per_text: bool = False,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -257,9 +421,12 @@ class OnnxEncoder:
             raise QueryModelError(f"could not load ONNX model {model_path}: {exc}") from exc
         self.tokenizer = tokenizer
         self.inputs = frozenset(i.name for i in self.session.get_inputs())
+        self.per_text = per_text
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit float32 rows, one per text."""
+        if self.per_text and len(texts) > 1:
+            return np.concatenate([self.encode([text]) for text in texts])
         # A chat query is one text: `encode` tokenizes it on this thread, where
         # `encode_batch` hands it to the tokenizer's thread pool; in the server that
         # hand-off cost ~0.9 ms of every request's wait for its embedding.
