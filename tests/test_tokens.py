@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -173,6 +174,24 @@ def test_name_images_and_tool_calls_are_counted(counter):
 
 def test_special_token_text_is_ordinary_text(counter):
     assert counter.count_text("say <|endoftext|> now") > 3
+
+
+@pytest.mark.parametrize("encoding", ["o200k_base", "cl100k_base"])
+def test_pieces_count_as_their_joined_text(cache_dir, encoding):
+    """`count_pieces` sums the pieces' counts only where no token can span a join, so
+    its count is the joined text's whatever the pieces hold."""
+    counter = TokenCounter(encoding)
+    rng = random.Random(7)
+    ends = ["", ".", "!", "?", ":", ")", "]", '"', "…", "—", "/", " ", "  ", "\t", "\n", "\r\n"]
+    ends += ["\n\n", ".\n", "!\n\n", " \n", "/\n", "é", "日本", "42", "'s", "😀"]
+    words = ["word", "Mira", "naïve", "东京", "123", "4567", "x", "'t", "-", "--", "*", "🙂"]
+    for _ in range(3000):
+        pieces = []
+        for _ in range(rng.randint(1, 5)):
+            head = rng.choice(["", " ", "/", "-", "[", "'", "\n", "*", "1", "Ä"])
+            body = " ".join(rng.choice(words) for _ in range(rng.randint(0, 3)))
+            pieces.append(head + body + rng.choice(ends) + rng.choice(["", "\n", "\n\n"]))
+        assert counter.count_pieces(pieces) == counter.count_text("".join(pieces)), pieces
 
 
 def test_repeated_history_counts_the_same(counter):

@@ -12,6 +12,7 @@ import datetime
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 from proxy.inject.templates import Templates, format_fields, render
 from proxy.inject.tokens import TokenCounter
@@ -140,59 +141,62 @@ class _Builder:
     def build(self, limit: int) -> Block:
         header = render(self.t.block_header, self.names)
         remaining = limit - self.counter.count_text(header)
-        texts: dict[str, str] = {}
-        included: tuple[Recalled, ...] = ()
+        sections: dict[str, _Section] = {}
+        tokens: dict[str, int] = {}
         for name in PRIORITY_ORDER:
             cap = min(getattr(self.caps, name), remaining - self.sep_tokens)
             if cap <= 0:
                 continue
-            text, chosen = _fit(lambda n, name=name: self._section(name, n), cap, self.counter)
-            if not text:
+            section, count = _fit(lambda n, name=name: self._section(name, n), cap, self.counter)
+            if not section.pieces:
                 continue
-            texts[name] = text
-            remaining -= self.counter.count_text(text) + self.sep_tokens
-            if name == "memories":
-                included = chosen
-        if not texts:
+            sections[name], tokens[name] = section, count
+            remaining -= count + self.sep_tokens
+        if not sections:
             return EMPTY_BLOCK
-        body = [texts[name] for name in PRESENTATION_ORDER if name in texts]
-        text = _SECTION_SEP.join([header, *body])
+        # Pieces of the whole text, each section's last one followed by the blank line
+        # before the next: the block is counted piece by piece (`count_pieces`).
+        parts = [(header,), *(sections[n].pieces for n in PRESENTATION_ORDER if n in sections)]
+        pieces = [piece for part in parts[:-1] for piece in (*part[:-1], part[-1] + _SECTION_SEP)]
+        pieces += parts[-1]
+        memories = sections.get("memories")
         return Block(
-            text=text,
-            tokens=self.counter.count_text(text),
-            included=included,
-            sections={name: self.counter.count_text(texts[name]) for name in texts},
+            text="".join(pieces),
+            tokens=self.counter.count_pieces(pieces),
+            included=memories.included if memories else (),
+            sections=tokens,
         )
 
-    def _section(self, name: str, limit: int) -> tuple[str, tuple[Recalled, ...]]:
+    def _section(self, name: str, limit: int) -> _Section:
         if name == "memories":
             return self._memories(limit)
         if name == "summary":
-            return self._prose(self.t.summary_header, self.inp.summary, limit), ()
+            return self._prose(self.t.summary_header, self.inp.summary, limit)
         if name == "style":
             # A sample cut mid-sentence would teach the voice of a broken sentence.
             sample = self.inp.style_sample
-            return self._prose(self.t.style_header, sample, limit, words=False), ()
+            return self._prose(self.t.style_header, sample, limit, words=False)
         if name == "notes":
             notes = [_one_line(note) for note in self.inp.notes]
             lines = [format_fields(self.t.note_line, {"text": n}) for n in notes if n]
-            return self._lines(self.t.notes_header, lines, limit), ()
-        return self._lines(self.t.scene_header, self._scene_lines(), limit), ()
+            return self._lines(self.t.notes_header, lines, limit)
+        return self._lines(self.t.scene_header, self._scene_lines(), limit)
 
     def _header(self, template: str) -> tuple[str, int]:
-        text = render(template, self.names)
-        return text, self.counter.count_text(text + "\n")
+        """A section's header line (its line break included) and its tokens."""
+        text = render(template, self.names) + "\n"
+        return text, self.counter.count_text(text)
 
     def _prose(
         self, header_template: str, body: str | None, limit: int, *, words: bool = True
-    ) -> str:
+    ) -> _Section:
         if not body or not body.strip():
-            return ""
+            return _NOTHING
         header, cost = self._header(header_template)
         cut = truncate(body.strip(), limit - cost, self.counter, cut_words=words)
-        return f"{header}\n{cut}" if cut else ""
+        return _Section((header, cut)) if cut else _NOTHING
 
-    def _lines(self, header_template: str, lines: list[str], limit: int) -> str:
+    def _lines(self, header_template: str, lines: list[str], limit: int) -> _Section:
         header, cost = self._header(header_template)
         room = limit - cost
         chosen = []
@@ -201,9 +205,9 @@ class _Builder:
             if line and line_cost <= room:
                 chosen.append(line)
                 room -= line_cost
-        return "\n".join([header, *chosen]) if chosen else ""
+        return _Section(_joined(header, chosen)) if chosen else _NOTHING
 
-    def _memories(self, limit: int) -> tuple[str, tuple[Recalled, ...]]:
+    def _memories(self, limit: int) -> _Section:
         header, cost = self._header(self.t.memories_header)
         room = limit - cost
         chosen: list[tuple[Recalled, str]] = []
@@ -214,10 +218,12 @@ class _Builder:
                 chosen.append((memory, line))
                 room -= line_cost
         if not chosen:
-            return "", ()
+            return _NOTHING
         chosen.sort(key=lambda pair: (pair[0].at, pair[0].memory_id))
-        text = "\n".join([header, *(line for _, line in chosen)])
-        return text, tuple(memory for memory, _ in chosen)
+        return _Section(
+            _joined(header, [line for _, line in chosen]),
+            tuple(memory for memory, _ in chosen),
+        )
 
     def _memory_line(self, memory: Recalled) -> str:
         when = datetime.datetime.fromtimestamp(memory.at, self.tz)
@@ -252,20 +258,33 @@ class _Builder:
         return lines
 
 
-def _fit(
-    build: Callable[[int], tuple[str, tuple[Recalled, ...]]],
-    cap: int,
-    counter: TokenCounter,
-) -> tuple[str, tuple[Recalled, ...]]:
-    """Build a section against a shrinking limit until its real count is within `cap`."""
+class _Section(NamedTuple):
+    """A section of the block as the pieces of its text (see `count_pieces`)."""
+
+    pieces: tuple[str, ...]
+    included: tuple[Recalled, ...] = ()  # the memories it shows
+
+
+_NOTHING = _Section(())
+
+
+def _joined(header: str, lines: list[str]) -> tuple[str, ...]:
+    """A header (with its line break) and lines, as pieces: each line but the last
+    with its line break."""
+    return (header, *(line + "\n" for line in lines[:-1]), lines[-1])
+
+
+def _fit(build: Callable[[int], _Section], cap: int, counter: TokenCounter) -> tuple[_Section, int]:
+    """Build a section against a shrinking limit until its real count is within `cap`;
+    the section and its count."""
     limit = cap
     while limit > 0:
-        text, chosen = build(limit)
-        tokens = counter.count_text(text)
+        section = build(limit)
+        tokens = counter.count_pieces(section.pieces)
         if tokens <= cap:
-            return text, chosen
+            return section, tokens
         limit -= tokens - cap
-    return "", ()
+    return _NOTHING, 0
 
 
 def truncate(text: str, max_tokens: int, counter: TokenCounter, *, cut_words: bool = True) -> str:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,23 @@ class TokenCounter:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return n
+
+    def count_pieces(self, pieces: Sequence[str]) -> int:
+        """Tokens of `"".join(pieces)`: the sum of the pieces' (cached) counts where the
+        tokenizer cannot merge across any join, else the joined text's count.
+
+        Both encodings cut a text into words, numbers, punctuation runs and whitespace
+        runs before merging, and never merge across those cuts. A piece that ends with
+        a line break, followed by one that starts with neither whitespace nor "/"
+        (o200k's punctuation runs take a "/" after line breaks), ends at such a cut:
+        no run but words reaches past a line break, and words cannot start with one.
+        The memory block is made of lines joined so: its count costs a cached lookup
+        per line instead of an encoding of the whole block on every request.
+        """
+        for left, right in itertools.pairwise(pieces):
+            if not left.endswith("\n") or not right or right[0].isspace() or right[0] == "/":
+                return self.count_text("".join(pieces))
+        return sum(self.count_text(piece) for piece in pieces)
 
     def count_message(self, message: dict[str, Any]) -> int:
         """Tokens of one chat message, overhead included."""
