@@ -69,6 +69,7 @@ def test_oldest_turns_go_first_and_the_result_fits(counter):
 
     assert trim.fits
     assert trim.tokens == counter.count_messages(trim.messages)
+    assert trim.whole == counter.count_messages(messages)  # what the app sent
     assert trim.tokens + 200 <= available
     # System messages and the last user message survive.
     assert [m for m in trim.messages if m["role"] == "system"] == messages[:3]

@@ -66,6 +66,7 @@ class Trim:
     indices into the input. `tokens` is what the kept messages cost as a prompt (reply
     priming included); the room left for the memory block is `available - tokens`.
     `fits` is False when even the messages that are never dropped exceed `available`.
+    `whole` is what all the input messages cost as a prompt.
     """
 
     messages: list[dict[str, Any]]
@@ -73,6 +74,7 @@ class Trim:
     kept: tuple[int, ...]
     tokens: int
     fits: bool
+    whole: int
 
 
 def trim_history(
@@ -107,7 +109,7 @@ def trim_history(
     """
     n = len(messages)
     costs = [counter.count_message(m) for m in messages]
-    total = counter.per_reply + sum(costs)
+    total = whole = counter.per_reply + sum(costs)
 
     protected_from = _protected_tail_start(messages)
     units = _droppable_units(messages, protected_from)
@@ -134,6 +136,7 @@ def trim_history(
         kept=kept,
         tokens=total,
         fits=total <= available,
+        whole=whole,
     )
 
 

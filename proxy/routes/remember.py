@@ -236,7 +236,7 @@ class Remember:
             merge_into_system=mem.merge_into_system,
         )
         lap("compose_ms")
-        original_tokens = counter.count_messages(messages)
+        original_tokens = trim.whole
         sent_tokens = trim.tokens + (block.tokens + counter.per_message if block.text else 0)
         headers.update(
             {
