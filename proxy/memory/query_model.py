@@ -83,6 +83,8 @@ def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str
     transformer followed by mean pooling (and optionally normalisation), or a failed
     export.
     """
+    import onnx
+
     transformer = _check_pipeline(st_model)
     _remove_abandoned_builds(cache_dir)
     target = cache_dir / f"{name}-{_key(model_dir)}.onnx"
@@ -97,7 +99,7 @@ def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str
         _unfuse_attention(model)
         _quantize_products(model, _input_ranges(model, transformer.tokenizer))
         partial = Path(tmp) / "quantized.onnx"
-        _save(model, partial)
+        onnx.save_model(model, str(partial))
         os.replace(partial, target)  # atomic: a reader never sees half a file
     log.info("built the fast query model %s", target)
     # Copies of this model built by other versions (~60 MB each) that no install has
@@ -321,8 +323,8 @@ def _quantize_products(model: Any, ranges: dict[str, np.ndarray]) -> None:
         name = node.name or y
         # Attention's output, a weighted mean of values, has no outlier channels: the
         # decomposition would only cost its four nodes (its vectors did not change).
-        spread = made_by.get(x) in ("MultiHeadAttention", "Attention")
-        count = 0 if spread else OUTLIER_CHANNELS
+        averaged = made_by.get(x) in ("MultiHeadAttention", "Attention")
+        count = 0 if averaged else OUTLIER_CHANNELS
         outliers = np.sort(np.argsort(-ranges[x], kind="stable")[:count])
         keep = np.ones(matrix.shape[0], dtype=np.float32)
         keep[outliers] = 0.0
@@ -372,12 +374,6 @@ def _quantize_products(model: Any, ranges: dict[str, np.ndarray]) -> None:
         graph.initializer.remove(tensor)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-
-
-def _save(model: Any, path: Path) -> None:
-    import onnx
-
-    onnx.save_model(model, str(path))
 
 
 @contextlib.contextmanager
