@@ -11,10 +11,11 @@ is known.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -261,20 +262,23 @@ class Remember:
                 route.model,
                 first_in_window(messages, trim.kept, trim.dropped),
             )
-        log_entry = self._log_entry(
-            route,
-            ref,
-            alignment,
-            window.tokens,
-            window.source,
-            available,
-            trim,
-            block,
-            original_tokens,
-            sent_tokens,
-            sent,
-            errors,
-        )
+        log_entry = None
+        if self.settings.request_log.enabled:  # built with the reply: after the first byte
+            log_entry = functools.partial(
+                self._log_entry,
+                route,
+                ref,
+                alignment,
+                window.tokens,
+                window.source,
+                available,
+                trim,
+                block,
+                original_tokens,
+                sent_tokens,
+                sent,
+                errors,
+            )
         return RememberPlan(
             self,
             scope.id,
@@ -420,10 +424,7 @@ class Remember:
         sent_tokens: int,
         sent: list[dict[str, Any]],
         errors: list[str],
-    ) -> dict[str, Any] | None:
-        cfg = self.settings.request_log
-        if not cfg.enabled:
-            return None
+    ) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "model": route.model,
             "upstream": route.upstream.name,
@@ -454,7 +455,7 @@ class Remember:
             "sections": block.sections,
             "errors": errors,
         }
-        if cfg.store_messages:
+        if self.settings.request_log.store_messages:
             entry["messages"] = sent
         return entry
 
@@ -502,15 +503,18 @@ class Remember:
         if plan.scope_id is None or (not plan.remember and plan.log is None):
             return
         message = reply.message() if (reply.content or reply.tool_calls) else None
-        log_entry = plan.log
-        if log_entry is not None:
-            log_entry = {
-                **log_entry,
-                "reply": message,
-                "partial": partial,
-                "usage": reply.usage,
-                "timings": plan.timings,
-            }
+        log_entry = None
+        if plan.log is not None:
+            try:  # a request log entry that cannot be built must not cost the turn
+                log_entry = {
+                    **plan.log(),
+                    "reply": message,
+                    "partial": partial,
+                    "usage": reply.usage,
+                    "timings": plan.timings,
+                }
+            except Exception:
+                log.exception("could not build the request log entry of %s", plan.request_id)
         turn = Turn(
             scope_id=plan.scope_id,
             messages=plan.messages,
@@ -571,7 +575,7 @@ class RememberPlan:
     messages: list[dict[str, Any]] = field(default_factory=list)
     char: str | None = None
     user: str | None = None
-    log: dict[str, Any] | None = None
+    log: Callable[[], dict[str, Any]] | None = None  # the request log's entry, when kept
     timings: dict[str, float] = field(default_factory=dict)
     background: TurnJobs | None = None
     calibration: tuple[tuple[str, str | None], int] | None = None  # key, our estimate
