@@ -186,6 +186,7 @@ def test_bad_input_gets_a_clear_400_in_the_error_envelope(
         ("GET", "/scopes/s/memories", {"params": {"since": "yesterday"}}, "since"),
         ("GET", "/scopes/s/memories", {"params": {"limit": "0"}}, "limit"),
         ("GET", "/scopes/s/memories/search", {}, "q"),
+        ("GET", "/scopes/s/memories/search", {"params": {"q": " \n\t "}}, "q"),
         ("GET", "/scopes/s/transcript", {"params": {"state": "lost"}}, "state"),
         ("PUT", "/scopes/s/scene", {"json": {"weather": "rain"}}, "weather"),
         ("GET", "/scopes/bad%20name", {}, "scope"),

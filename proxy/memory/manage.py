@@ -384,6 +384,8 @@ async def search(
     keyword only while the embedding model is not ready. Pinned memories are not
     candidates: they are always shown.
     """
+    if not query.strip():  # its vector would match everything a little
+        raise ValueError("q: a search needs something to look for, not only whitespace")
     now = time.time() if now is None else now
     vector = None
     mode = "keyword"
