@@ -268,8 +268,8 @@ class LocalEmbedder(_ThreadedEmbedder):
     intra-op thread count, which is process-wide; 1 keeps single-query latency steady
     on a busy CPU.
 
-    `query_cache`: a directory for a fast copy of the model (8-bit weights on ONNX
-    Runtime, `proxy.memory.query_model`) that `embed_query` uses, on a thread of its
+    `query_cache`: a directory for a fast copy of the model (8-bit matrix products on
+    ONNX Runtime, `proxy.memory.query_model`) that `embed_query` uses, on a thread of its
     own, once its vectors were checked against the model's; None (or a device other
     than the CPU): queries run on torch.
     """
