@@ -704,6 +704,8 @@ def test_memory_api_says_503_when_memory_is_off(up: FakeUpstream, make_proxy: Ma
     assert "memory is switched off" in error["message"]
     document = ok(api(proxy, "GET", "/openapi.json"))
     assert document["openapi"].startswith("3.1") and "/scopes/{scope}/memories" in document["paths"]
+    # The base path says where that description is, rather than 404 (with or without "/").
+    assert ok(api(proxy, "GET", "", follow_redirects=True))["openapi"] == "/memory/openapi.json"
 
 
 def test_metrics_show_job_queue_depth_and_failures(

@@ -693,7 +693,10 @@ OPERATIONS: list[Operation] = [
 
 def routes() -> list[BaseRoute]:
     """The memory API's routes, to mount at /memory."""
-    out: list[BaseRoute] = [Route("/openapi.json", openapi_json, methods=["GET"])]
+    out: list[BaseRoute] = [
+        Route("/", index, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+    ]
     for op in OPERATIONS:
         path = op.path.replace("{memory_id}", "{memory_id:int}")
         out.append(Route(path, endpoint(op), methods=[op.method], name=op.handler.__name__))
@@ -701,6 +704,15 @@ def routes() -> list[BaseRoute]:
 
 
 _DOCUMENT: dict[str, Any] = {}
+
+
+async def index(request: Request) -> JSONResponse:
+    """What /memory/ is: the API's version and where its description is (no key
+    needed), rather than a 404 for someone who types the base path."""
+    base = request.url.path.rstrip("/")
+    return JSONResponse(
+        {"object": "memory_api", "version": API_VERSION, "openapi": f"{base}/openapi.json"}
+    )
 
 
 async def openapi_json(request: Request) -> JSONResponse:
