@@ -250,7 +250,7 @@ class EmbeddingSettings(_Section):
         default=True,
         description="backend=sentence-transformers: embed chat queries with an 8-bit copy "
         "of the model on ONNX Runtime (built once, cached; checked against the model "
-        "before use; cosine ~0.9994 to its vectors): ~7x faster per query.",
+        "before use; cosine ~0.9994 to its vectors): ~4x faster per query.",
     )
     batch_size: int = Field(default=32, ge=1, le=1024, description="Texts per embedding batch.")
     cache_size: int = Field(default=2048, ge=0, description="Query embeddings kept in memory.")

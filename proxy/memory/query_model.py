@@ -4,7 +4,7 @@ Every chat request waits for its query's embedding, so that one text is on the r
 path; the stored memories are embedded in the background, where throughput matters and
 latency does not. On this project's machine torch takes ~17 ms for a short question
 with all-MiniLM-L6-v2 (most of it per-op overhead), where ONNX Runtime runs the same
-network in ~6 ms in float32 and in ~3 ms with this copy's 8-bit matrix products:
+network in ~6 ms in float32 and in ~3.6 ms with this copy's 8-bit matrix products:
 bench/embed_latency.py.
 
 `build_query_model` turns the loaded model into that file once and keeps it in a cache
