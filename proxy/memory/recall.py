@@ -182,10 +182,11 @@ def _candidates(
     ranks = lookup.ranks
     adjacent = {m: list(ns) for m, ns in lookup.adjacent.items()}
     sims: dict[int, float] = {}
-    if query_vec is not None:
-        sims = {hit.memory_id: hit.similarity for hit in vectors.knn(conn, scope_id, query_vec, k)}
+    search = vectors.QuerySearch(conn, scope_id, query_vec) if query_vec is not None else None
+    if search is not None:
+        sims = {hit.memory_id: hit.similarity for hit in search.knn(k)}
         if lookup.span_ids:
-            span_sims = vectors.similarities(conn, scope_id, lookup.span_ids, query_vec)
+            span_sims = search.similarities(lookup.span_ids)
             for memory_id in sorted(span_sims, key=lambda m: -span_sims[m])[:k]:
                 sims.setdefault(memory_id, span_sims[memory_id])
         if lookup.context:  # around the best vector hits too (the keyword ones are done)
@@ -199,9 +200,8 @@ def _candidates(
         for memory_id, others in list(adjacent.items()):  # a neighbour's neighbour is it
             for other in others:
                 adjacent.setdefault(other, []).append(memory_id)
-    if query_vec is not None:
-        missing = [i for i in ids if i not in sims]
-        sims.update(vectors.similarities(conn, scope_id, missing, query_vec))
+    if search is not None:
+        sims.update(search.similarities([i for i in ids if i not in sims]))
     rows = dict(lookup.rows)
     rows.update(_load_rows(conn, scope_id, [i for i in ids if i not in rows]))
     context = {m: max(sims.get(n, 0.0) for n in ns) for m, ns in adjacent.items() if ns}
@@ -242,23 +242,23 @@ class _Row(NamedTuple):
 
 def _load_rows(conn: Connection, scope_id: int, memory_ids: Sequence[int]) -> dict[int, _Row]:
     """The active memories of the scope among `memory_ids`, with their sources."""
-    rows: dict[int, _Row] = {}
+    found: dict[int, tuple[Any, ...]] = {}
+    sources: dict[int, list[int]] = {}
     for chunk in records.chunked(list(dict.fromkeys(memory_ids))):
-        marks = records.placeholders(chunk)
-        sources: dict[int, list[int]] = {}
-        for memory_id, message_id in conn.execute(
-            f"SELECT memory_id, message_id FROM memory_sources WHERE memory_id IN ({marks})"
-            " ORDER BY message_id",
-            chunk,
-        ):
-            sources.setdefault(memory_id, []).append(message_id)
+        # One query for the rows and their sources: it runs on every request's path.
         for r in conn.execute(
-            "SELECT id, kind, text, at, importance, pinned, speaker, role FROM memories"
-            f" WHERE id IN ({marks}) AND +scope_id = ? AND +state = 'active'",
+            "SELECT m.id, m.kind, m.text, m.at, m.importance, m.pinned, m.speaker, m.role,"
+            " s.message_id FROM memories m LEFT JOIN memory_sources s ON s.memory_id = m.id"
+            f" WHERE m.id IN ({records.placeholders(chunk)})"
+            " AND +m.scope_id = ? AND +m.state = 'active' ORDER BY s.message_id",
             (*chunk, scope_id),
         ):
-            rows[r[0]] = _Row(*r[:5], bool(r[5]), r[6], r[7], tuple(sources.get(r[0], ())))
-    return rows
+            found.setdefault(r[0], r)
+            if r[8] is not None:
+                sources.setdefault(r[0], []).append(r[8])
+    return {
+        m: _Row(*r[:5], bool(r[5]), r[6], r[7], tuple(sources.get(m, ()))) for m, r in found.items()
+    }
 
 
 def _adjacent(conn: Connection, scope_id: int, memory_ids: Sequence[int]) -> dict[int, list[int]]:

@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from proxy.memory.db import Connection, StoreError
-from proxy.memory.records import chunked, get_meta, placeholders, set_meta
+from proxy.memory.records import chunked, placeholders, set_meta
 
 # Entries per pack: a store of new vectors rewrites the scope's last pack, a search
 # reads all of a scope's packs; 512 keeps both cheap (28 KB per pack at 384-d).
@@ -83,7 +83,11 @@ class KeywordHit(NamedTuple):
 
 def embedding_model(conn: Connection) -> tuple[str, int] | None:
     """The (model id, dimension) whose vectors the store holds, if any was recorded."""
-    model, dim = get_meta(conn, _META_MODEL), get_meta(conn, _META_DIM)
+    # One query, not two: every search asks.
+    found = dict(
+        conn.execute("SELECT key, value FROM meta WHERE key IN (?, ?)", (_META_MODEL, _META_DIM))
+    )
+    model, dim = found.get(_META_MODEL), found.get(_META_DIM)
     if model is None or dim is None:
         return None
     return model, int(dim)
@@ -310,36 +314,95 @@ def knn(
     Similarities are cosines: exact, or within ~1e-3 for a scope whose cached vectors
     are float16 (see the module's docstring). An empty list when nothing is embedded yet.
     """
-    model = embedding_model(conn)
-    if k <= 0 or model is None:
-        return []
-    query = _unit(query_vec, model[1])
-    packs = _packs(conn, scope_id)
-    if not packs:
-        return []
-    loaded = _scope_bits(conn, scope_id, tuple((p[0], p[1]) for p in packs), len(query))
-    ids, columns = loaded.ids, loaded.columns
-    qbits = np.frombuffer(_sign_bits(query), dtype="<u8")
-    if len(ids) == 0:
-        return []
-    if columns.shape[0] != len(qbits):
-        raise StoreError("stored vectors do not match the store's dimension; reset_vectors")
-    distances = _hamming(columns, qbits)
-    stale_distance = columns.shape[0] * 64 + 1  # past any true distance: never a hit
-    dirty = [(p[0], p[1]) for p in packs if p[2]]
-    if dirty:  # mask entries that went stale since the last compaction
-        live = np.fromiter((m for _, _, m in _live_slots(conn, [p for p, _ in dirty])), "<i8")
-        for key in dirty:
-            start, stop = loaded.spans[key]
-            stale = ~np.isin(ids[start:stop], live)
-            distances[start:stop][stale] = stale_distance
-    nearest = _nearest(distances, max(k * oversample, k), stale_distance)
-    hits = _rescored(conn, scope_id, loaded, nearest, query, k)
-    if len(hits) < k:  # candidates turned out inactive (never, normally): all the rest
-        rest = np.setdiff1d(np.flatnonzero(distances < stale_distance), nearest)
-        hits += _rescored(conn, scope_id, loaded, rest, query, k)
-    hits.sort(key=lambda h: -h.similarity)
-    return hits[:k]
+    return QuerySearch(conn, scope_id, query_vec).knn(k, oversample=oversample)
+
+
+def similarities(
+    conn: Connection,
+    scope_id: int,
+    memory_ids: Sequence[int],
+    query_vec: Sequence[float] | np.ndarray,
+) -> dict[int, float]:
+    """Cosine similarity to the query of those of `memory_ids` that have a vector (any
+    state). The scope's cached vectors serve what they hold (float16 ones within ~1e-3);
+    SQLite the rest, exactly."""
+    return QuerySearch(conn, scope_id, query_vec).similarities(memory_ids)
+
+
+class QuerySearch:
+    """The vector searches of one query in one scope, within one read (`knn`,
+    `similarities`): the store's model and the scope's packs are read once for all."""
+
+    def __init__(
+        self, conn: Connection, scope_id: int, query_vec: Sequence[float] | np.ndarray
+    ) -> None:
+        self.conn = conn
+        self.scope_id = scope_id
+        model = embedding_model(conn)
+        self.query = _unit(query_vec, model[1]) if model is not None else None
+        self.packs = _packs(conn, scope_id) if model is not None else []
+        self.loaded = (
+            _scope_bits(conn, scope_id, tuple((p[0], p[1]) for p in self.packs), len(self.query))
+            if self.packs and self.query is not None
+            else None
+        )
+
+    def knn(self, k: int, *, oversample: int = OVERSAMPLE) -> list[VectorHit]:
+        """See the module function `knn`."""
+        conn, loaded, query = self.conn, self.loaded, self.query
+        if k <= 0 or loaded is None or query is None or len(loaded.ids) == 0:
+            return []
+        ids, columns = loaded.ids, loaded.columns
+        qbits = np.frombuffer(_sign_bits(query), dtype="<u8")
+        if columns.shape[0] != len(qbits):
+            raise StoreError("stored vectors do not match the store's dimension; reset_vectors")
+        distances = _hamming(columns, qbits)
+        stale_distance = columns.shape[0] * 64 + 1  # past any true distance: never a hit
+        dirty = [(p[0], p[1]) for p in self.packs if p[2]]
+        if dirty:  # mask entries that went stale since the last compaction
+            live = np.fromiter((m for _, _, m in _live_slots(conn, [p for p, _ in dirty])), "<i8")
+            for key in dirty:
+                start, stop = loaded.spans[key]
+                stale = ~np.isin(ids[start:stop], live)
+                distances[start:stop][stale] = stale_distance
+        nearest = _nearest(distances, max(k * oversample, k), stale_distance)
+        hits = _rescored(conn, self.scope_id, loaded, nearest, query, k)
+        if len(hits) < k:  # candidates turned out inactive (never, normally): all the rest
+            rest = np.setdiff1d(np.flatnonzero(distances < stale_distance), nearest)
+            hits += _rescored(conn, self.scope_id, loaded, rest, query, k)
+        hits.sort(key=lambda h: -h.similarity)
+        return hits[:k]
+
+    def similarities(self, memory_ids: Sequence[int]) -> dict[int, float]:
+        """See the module function `similarities`."""
+        query, loaded = self.query, self.loaded
+        if not memory_ids or query is None:
+            return {}
+        out: dict[int, float] = {}
+        rest = list(memory_ids)
+        if loaded is not None and loaded.floats is not None:
+            positions = loaded.positions()
+            found = [(m, positions[m]) for m in rest if m in positions]
+            if found:
+                entries = np.fromiter((i for _, i in found), dtype=np.int64, count=len(found))
+                sims = _cached_sims(loaded, entries, query)
+                out = {m: float(x) for (m, _), x in zip(found, sims, strict=True)}
+                rest = [m for m in rest if m not in out]
+        found_ids: list[int] = []
+        blobs: list[bytes] = []
+        for chunk in chunked(rest):
+            for memory_id, blob in self.conn.execute(
+                "SELECT memory_id, vector FROM embeddings"
+                f" WHERE memory_id IN ({placeholders(chunk)})",
+                chunk,
+            ):
+                if len(blob) == len(query) * 4:
+                    found_ids.append(memory_id)
+                    blobs.append(blob)
+        if found_ids:
+            matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found_ids), -1)
+            out.update(zip(found_ids, (float(x) for x in matrix @ query), strict=True))
+        return out
 
 
 def _nearest(distances: np.ndarray, wanted: int, stale_distance: int) -> np.ndarray:
@@ -386,11 +449,6 @@ def _packs(conn: Connection, scope_id: int) -> list[tuple[int, int, int]]:
     return conn.execute(
         "SELECT id, version, dirty FROM vector_packs WHERE scope_id = ? ORDER BY id", (scope_id,)
     ).fetchall()
-
-
-def _signature(conn: Connection, scope_id: int) -> tuple[tuple[int, int], ...]:
-    """The scope's ((pack id, version), ...): what its cache entry must match."""
-    return tuple((p[0], p[1]) for p in _packs(conn, scope_id))
 
 
 class _Chunk(NamedTuple):
@@ -612,50 +670,6 @@ def _half_to_float() -> np.ndarray:
     and took 0.35 ms for the 720 vectors a search re-scores where numpy's astype took
     0.6 ms on this project's machine (numpy converts float16 one value at a time)."""
     return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-
-
-def similarities(
-    conn: Connection,
-    scope_id: int,
-    memory_ids: Sequence[int],
-    query_vec: Sequence[float] | np.ndarray,
-) -> dict[int, float]:
-    """Cosine similarity to the query of those of `memory_ids` that have a vector (any
-    state). The scope's cached vectors serve what they hold (float16 ones within ~1e-3);
-    SQLite the rest, exactly."""
-    model = embedding_model(conn)
-    if not memory_ids or model is None:
-        return {}
-    query = _unit(query_vec, model[1])
-    out: dict[int, float] = {}
-    rest = list(memory_ids)
-    loaded = _cache_of(conn).get(scope_id)
-    if (
-        loaded is not None
-        and loaded.floats is not None
-        and loaded.signature == _signature(conn, scope_id)
-    ):
-        positions = loaded.positions()
-        found = [(m, positions[m]) for m in rest if m in positions]
-        if found:
-            entries = np.fromiter((i for _, i in found), dtype=np.int64, count=len(found))
-            sims = _cached_sims(loaded, entries, query)
-            out = {m: float(x) for (m, _), x in zip(found, sims, strict=True)}
-            rest = [m for m in rest if m not in out]
-    found_ids: list[int] = []
-    blobs: list[bytes] = []
-    for chunk in chunked(rest):
-        for memory_id, blob in conn.execute(
-            f"SELECT memory_id, vector FROM embeddings WHERE memory_id IN ({placeholders(chunk)})",
-            chunk,
-        ):
-            if len(blob) == len(query) * 4:
-                found_ids.append(memory_id)
-                blobs.append(blob)
-    if found_ids:
-        matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found_ids), -1)
-        out.update(zip(found_ids, (float(x) for x in matrix @ query), strict=True))
-    return out
 
 
 def _rescore(
