@@ -189,6 +189,23 @@ def test_upstream_error_status_passes_through_with_body(
     still_serves(proxy, upstream)
 
 
+def test_upstream_rate_limit_headers_pass_through(
+    upstream: FakeUpstream, make_proxy: MakeProxy
+) -> None:
+    # Clients back off by them (the openai SDKs read Retry-After).
+    limited = {"retry-after": "20", "x-ratelimit-remaining-requests": "0"}
+    upstream.enqueue(Reply(status=429, headers=limited), Reply(status=429, headers=limited))
+    proxy = make_proxy({"local": upstream})
+    for body in (CHAT, {**CHAT, "stream": True}):
+        response = post(proxy, body)
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "20"
+        assert response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert response.headers["content-type"].startswith("application/json")
+        assert error_of(response)["message"]
+    still_serves(proxy, upstream)
+
+
 async def _html_gateway_error(scope, receive, send) -> None:
     """A reverse proxy in front of a dead model server: HTML, not JSON."""
     if scope["type"] != "http":
@@ -205,6 +222,7 @@ def test_upstream_non_json_error_is_wrapped(make_proxy: MakeProxy) -> None:
         proxy = make_proxy({"local": f"{gateway.url}/v1"})
         response = post(proxy, CHAT)
     assert response.status_code == 503
+    assert response.headers["content-type"] == "application/json"  # rewrapped: not HTML
     message = error_of(response)["message"]
     assert "'local'" in message and "503 Service Unavailable" in message
 

@@ -205,7 +205,9 @@ async def pass_error(
     extra: dict[str, str],
 ) -> None:
     """Pass an upstream error status through with its body (wrapped in OpenAI's envelope
-    if it is not one), with the upstream's own key blanked out should the body quote it."""
+    if it is not one), with the upstream's own key blanked out should the body quote it,
+    and with the upstream's headers (`Retry-After` and `x-ratelimit-*` tell a client
+    how long to back off)."""
     try:
         content = await run_until_disconnect(receive, response.aread())
     except ClientGone:
@@ -223,4 +225,8 @@ async def pass_error(
         text = content.decode("utf-8", "replace").strip()[:500]
         message = f"upstream {upstream.name!r} answered {response.status_code}: {text}"
         content = json.dumps(error_envelope(message, "upstream_error")).encode()
-    await send_bytes(send, response.status_code, content, headers=extra)
+    headers = response_headers(response, extra)
+    # The body sent is JSON whatever the upstream's was (it may have been rewrapped).
+    for name in [k for k in headers if k.lower() == "content-type"]:
+        del headers[name]
+    await send_bytes(send, response.status_code, content, headers=headers)
