@@ -341,6 +341,9 @@ STEPS = (
     "embed_ms",
     "embed_wait_ms",
     "recall_ms",
+    "search_ms",
+    "rows_ms",
+    "rank_ms",
     "compose_ms",
     "prepare_ms",
 )

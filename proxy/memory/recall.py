@@ -12,6 +12,7 @@ second, or by the next request.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -119,14 +120,21 @@ def look_up(
 
 
 def recall(
-    conn: Connection, scope_id: int, query: RecallQuery, lookup: Lookup | None = None
+    conn: Connection,
+    scope_id: int,
+    query: RecallQuery,
+    lookup: Lookup | None = None,
+    *,
+    timings: dict[str, float] | None = None,
 ) -> list[Recalled]:
     """The memories to remind the model of, best first (see `rank`).
 
     A span of time the query names ("last Saturday", "in March") brings in the
     memories of that span and favours them (`Weights.time`); `Weights.context` turns
     on neighbouring turns (`find_candidates`). `lookup`: this query's `look_up`, done
-    beforehand (in the same scope); without it, it is done here.
+    beforehand (in the same scope); without it, it is done here. `timings` gets the
+    milliseconds of its steps: `search_ms` (the vector searches and neighbouring
+    turns), `rows_ms` (the candidates' rows), `rank_ms`.
     """
     w = query.weights
     if lookup is None:
@@ -138,8 +146,10 @@ def recall(
             now=query.now if w.time > 0 else None,
             context=w.context > 0,
         )
-    candidates = _candidates(conn, scope_id, query.vector, query.candidates, lookup)
-    return rank(
+    laps = timings if timings is not None else {}
+    candidates = _candidates(conn, scope_id, query.vector, query.candidates, lookup, laps)
+    started = time.perf_counter()
+    ranked = rank(
         candidates,
         now=query.now,
         weights=w,
@@ -147,6 +157,8 @@ def recall(
         limit=query.limit,
         span=lookup.span if w.time > 0 else None,
     )
+    laps["rank_ms"] = _ms(started)
+    return ranked
 
 
 def find_candidates(
@@ -176,9 +188,16 @@ def find_candidates(
 
 
 def _candidates(
-    conn: Connection, scope_id: int, query_vec: np.ndarray | None, k: int, lookup: Lookup
+    conn: Connection,
+    scope_id: int,
+    query_vec: np.ndarray | None,
+    k: int,
+    lookup: Lookup,
+    timings: dict[str, float] | None = None,
 ) -> list[Candidate]:
-    """`find_candidates` from a lookup: the vector half, then the merge."""
+    """`find_candidates` from a lookup: the vector half, then the merge (`timings`: see
+    `recall`)."""
+    started = time.perf_counter()
     ranks = lookup.ranks
     adjacent = {m: list(ns) for m, ns in lookup.adjacent.items()}
     sims: dict[int, float] = {}
@@ -202,11 +221,12 @@ def _candidates(
                 adjacent.setdefault(other, []).append(memory_id)
     if search is not None:
         sims.update(search.similarities([i for i in ids if i not in sims]))
+    searched = time.perf_counter()
     rows = dict(lookup.rows)
     rows.update(_load_rows(conn, scope_id, [i for i in ids if i not in rows]))
     context = {m: max(sims.get(n, 0.0) for n in ns) for m, ns in adjacent.items() if ns}
     # Positional: ~150 candidates a request, and keywords cost a NamedTuple more.
-    return [
+    candidates = [
         Candidate(
             row.id,
             row.kind,
@@ -224,6 +244,15 @@ def _candidates(
         for row in (rows[i] for i in ids if i in rows)
         if not row.pinned
     ]
+    if timings is not None:
+        timings["search_ms"] = _ms(started, searched)
+        timings["rows_ms"] = _ms(searched)
+    return candidates
+
+
+def _ms(start: float, end: float | None = None) -> float:
+    """Milliseconds from `start` to `end` (now), as the request log keeps them."""
+    return round(((end if end is not None else time.perf_counter()) - start) * 1000, 3)
 
 
 class _Row(NamedTuple):

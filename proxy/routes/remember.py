@@ -354,7 +354,7 @@ class Remember:
             errors.append(self.embedder_error or "warming up")
         exclude = frozenset(_kept_ids(alignment, trim) | set(alignment.undone))
         q = RecallQuery(query, vector, now, self.weights, rec.candidates, rec.limit, exclude)
-        return await self.store.read(recall, scope_id, q, await lookup)
+        return await self.store.read(recall, scope_id, q, await lookup, timings=lap.into)
 
     def _compose(
         self,
@@ -629,10 +629,10 @@ class _Laps:
     """Records the milliseconds since the previous lap under each name."""
 
     def __init__(self, into: dict[str, float]):
-        self._into = into
+        self.into = into
         self._last = time.perf_counter()
 
     def __call__(self, name: str) -> None:
         now = time.perf_counter()
-        self._into[name] = round((now - self._last) * 1000, 3)
+        self.into[name] = round((now - self._last) * 1000, 3)
         self._last = now
