@@ -27,6 +27,33 @@ def message_text(message: dict[str, Any]) -> str:
     return ""
 
 
+# The reasoning a thinking model (DeepSeek-R1, QwQ, Qwen3...) writes before its answer.
+_REASONING_OPEN = re.compile(
+    r"\s*<(?:think|thinking|reasoning)>.*?(?:</(?:think|thinking|reasoning)>|$)",
+    re.DOTALL | re.IGNORECASE,
+)
+_REASONING_CLOSE = re.compile(r"</(think|thinking|reasoning)>", re.IGNORECASE)
+
+
+def without_reasoning(text: str) -> str:
+    """An assistant's text without the reasoning block its answer starts with.
+
+    `<think>…</think>` (or `<thinking>`, `<reasoning>`); a block never closed (a reply
+    cut while thinking) is all reasoning, and so is the text before a closing tag whose
+    opening tag was in the prompt (some chat templates end the prompt with `<think>`).
+    Apps such as SillyTavern keep the answer alone in the chat, so a reply must be
+    stored, and recognised when it comes back, without it; the tag anywhere else is
+    the text's own.
+    """
+    opened = _REASONING_OPEN.match(text)
+    if opened:
+        return text[opened.end() :].lstrip()
+    closed = _REASONING_CLOSE.search(text)
+    if closed and f"<{closed.group(1).lower()}" not in text[: closed.start()].lower():
+        return text[closed.end() :].lstrip()
+    return text
+
+
 def is_conversation(message: dict[str, Any]) -> bool:
     """Whether a message is part of the conversation (not a system/developer prompt)."""
     return message.get("role") in CONVERSATION_ROLES

@@ -162,6 +162,38 @@ def test_swiped_reply_is_undone_and_never_injected(
     assert "telescope pointed at Orion" in block
 
 
+def test_a_thinking_models_reasoning_is_not_remembered_and_its_answer_continues(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    headers = {"X-Memory-Scope": "thinker"}
+    answers = [f"*Mira points north.* Tower {i} stands on the cliff." for i in range(3)]
+    history: list[tuple[str, str]] = []
+    for i, answer in enumerate(answers):
+        history.append(("user", f"Tell me about tower {i}."))
+        reply = f"<think>\nThe user asks about tower {i}. Plan.\n</think>\n\n{answer}"
+        llama.enqueue(Reply(text=reply))
+        chat(proxy, st_body(history, stream=True), headers)
+        # SillyTavern keeps the answer alone (its reasoning parsing), or all of it.
+        history.append(("assistant", answer if i < 2 else reply))
+    history.append(("user", "And the harbour?"))
+    llama.enqueue(Reply(text="<think>hm</think>The harbour is quiet."))
+    chat(proxy, st_body(history), headers)
+    rows = transcript_of(tmp_path / "memory.db", "thinker")
+    assert [r.state for r in rows] == ["active"] * len(rows)  # every turn a continuation
+    replies = [r.content for r in rows if r.role == "assistant" and r.content != GREETING]
+    assert replies == [*answers, "The harbour is quiet."]
+    store = open_store(tmp_path / "memory.db")
+    try:
+        scope = store.read_sync(records.get_scope, "", "thinker")
+        assert scope is not None
+        texts = [m.text for m in store.read_sync(records.list_memories, scope.id, limit=100)]
+    finally:
+        store.close_sync()
+    assert "The harbour is quiet." in texts
+    assert not any("think" in t or "Plan." in t or "hm" in t.split() for t in texts)
+
+
 def test_identical_request_twice_stores_nothing_twice_and_write_off_stores_nothing(
     llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:

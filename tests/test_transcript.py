@@ -13,6 +13,7 @@ from proxy.memory.transcript import (
     conversation_indices,
     message_fingerprint,
 )
+from proxy.messages import without_reasoning
 
 GREETING = "*Seraphina looks up from the herbs she is sorting.* Oh! You're awake."
 
@@ -131,6 +132,32 @@ def test_fingerprint_tells_different_messages_apart() -> None:
     with_image = message_fingerprint({"role": "user", "content": [text, image]})
     assert with_image != plain
     assert with_image != message_fingerprint({"role": "user", "content": [text, other]})
+
+
+def test_fingerprint_of_a_reply_ignores_its_reasoning() -> None:
+    # The app keeps the answer alone (SillyTavern's reasoning parsing), or all of it.
+    answer = message_fingerprint({"role": "assistant", "content": "*Mira nods.* Yes."})
+    for reply in (
+        "<think>\nThe user asks. I agree.\n</think>\n\n*Mira nods.* Yes.",
+        "<THINKING>plan</THINKING>*Mira nods.* Yes.",
+        "The user asks; the prompt opened the block.</think>\n*Mira nods.* Yes.",
+    ):
+        assert message_fingerprint({"role": "assistant", "content": reply}) == answer
+    # Only a reply's leading block is reasoning; a user's tags are their words.
+    quoted = "*Mira nods.* Yes. <think>inside</think>"
+    assert message_fingerprint({"role": "assistant", "content": quoted}) != answer
+    user = message_fingerprint({"role": "user", "content": "<think>hm</think> Yes."})
+    assert user != message_fingerprint({"role": "user", "content": "Yes."})
+
+
+def test_without_reasoning() -> None:
+    assert without_reasoning("<think>a</think>\n\nB <think>c</think>") == "B <think>c</think>"
+    assert without_reasoning("  <reasoning>a\nb</reasoning> B") == "B"
+    assert without_reasoning("<think>cut while thinking") == ""
+    assert without_reasoning("a</think>B") == "B"
+    assert without_reasoning("<thinking>a</think>B") == "B"  # mismatched: up to the close
+    assert without_reasoning("B") == "B" and without_reasoning("") == ""
+    assert without_reasoning("I <think> so </think> too") == "I <think> so </think> too"
 
 
 def test_fingerprint_accepts_a_lone_surrogate() -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.memory import jobs, records
 from proxy.memory.db import Connection
 from proxy.memory.transcript import StoredMessage, TranscriptIndex, align, message_fingerprint
-from proxy.messages import message_text
+from proxy.messages import message_text, without_reasoning
 from proxy.style.sample import capture_style, drop_undone_style
 
 if TYPE_CHECKING:
@@ -91,7 +91,9 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
     for index in alignment.new:
         message = turn.messages[index]
         rows.append(_new_message(message, turn, reused_at.get(index, turn.now), "active"))
-    if turn.reply is not None and (message_text(turn.reply) or turn.reply.get("tool_calls")):
+    if turn.reply is not None and (
+        without_reasoning(message_text(turn.reply)) or turn.reply.get("tool_calls")
+    ):
         rows.append(
             _new_message(turn.reply, turn, turn.now, "partial" if turn.partial else "active")
         )
@@ -172,14 +174,18 @@ def new_message(
     state: str = "active",
 ) -> records.NewMessage:
     """A transcript row for a chat message; the speaker is its `name`, else the
-    character's or the user's name by role."""
+    character's or the user's name by role. An assistant's reasoning is left out of
+    its content (and so of its memories); `raw` keeps the message as it came."""
     role = message.get("role", "user")
+    content = message_text(message)
+    if role == "assistant":
+        content = without_reasoning(content)
     speaker = message.get("name") if isinstance(message.get("name"), str) else None
     if speaker is None:
         speaker = char if role == "assistant" else user if role == "user" else None
     return records.NewMessage(
         role=role,
-        content=message_text(message),
+        content=content,
         fingerprint=message_fingerprint(message),
         seen_at=seen_at,
         raw=dict(message),

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.messages import is_conversation, message_text
+from proxy.messages import is_conversation, message_text, without_reasoning
 
 __all__ = [
     "Alignment",
@@ -95,12 +95,15 @@ def message_fingerprint(message: dict[str, Any]) -> str:
     """
     role = message.get("role")
     name = message.get("name")
+    text = message_text(message)
+    if role == "assistant":  # the app may keep the answer without its reasoning
+        text = without_reasoning(text)
     digest = hashlib.sha256()
     # The common fields go in directly, length-prefixed; the rare ones canonically.
     for field in (
         role if isinstance(role, str) else "",
         name.strip() if isinstance(name, str) else "",
-        _normalise(message_text(message)),
+        _normalise(text),
     ):
         data = field.encode("utf-8", "surrogatepass")
         digest.update(b"%d:" % len(data))
