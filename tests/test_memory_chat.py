@@ -194,6 +194,57 @@ def test_a_thinking_models_reasoning_is_not_remembered_and_its_answer_continues(
     assert not any("think" in t or "Plan." in t or "hm" in t.split() for t in texts)
 
 
+def group_body(speaker: str, turns: list[dict[str, str]]) -> dict[str, Any]:
+    """A SillyTavern group chat request, names in prompt "Default": each character's
+    message as "Name: text", the user's bare, a nudge for the character to speak."""
+    messages = [
+        {
+            "role": "system",
+            "content": f"Write {speaker}'s next reply in a fictional chat between "
+            "Alice, Bob and Tom.",
+        },
+        {"role": "system", "content": "Alice is a sailor. Bob is a smith."},
+        {"role": "system", "content": "[Start a new group chat. Group members: Alice, Bob]"},
+        {"role": "assistant", "content": "Alice: Welcome aboard!"},
+        {"role": "assistant", "content": "Bob: Hmph."},
+        *turns,
+        {"role": "system", "content": f"[Write the next reply only as {speaker}.]"},
+    ]
+    return {"model": "fake-model", "messages": messages, "stream": True}
+
+
+def test_group_chat_names_in_the_text_keep_each_reply_with_its_speaker(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    headers = {"X-Memory-Scope": "crew"}
+    turns: list[dict[str, str]] = []
+    said = {
+        "Alice": "I found the map in the captain's chest.",
+        "Bob": "I forged the silver anchor with my own hammer.",
+    }
+    for i in range(2):
+        turns.append({"role": "user", "content": f"Hello crew, day {i}."})
+        for speaker, text in said.items():
+            reply = f"{text} ({i})"
+            # A model sometimes begins with the name itself; SillyTavern shows it once.
+            llama.enqueue(Reply(text=f"{speaker}: {reply}" if i else reply))
+            chat(proxy, group_body(speaker, turns), headers)
+            turns.append({"role": "assistant", "content": f"{speaker}: {reply}"})
+    turns.append({"role": "user", "content": "Who made the anchor?"})
+    llama.enqueue(Reply(text="Bob did."))
+    chat(proxy, group_body("Alice", turns), headers)
+    rows = transcript_of(tmp_path / "memory.db", "crew")
+    assert [r.state for r in rows] == ["active"] * len(rows)  # no reply undone, none twice
+    assert [(r.speaker, r.content) for r in rows if r.role == "assistant"] == [
+        ("Alice", "Welcome aboard!"),
+        ("Bob", "Hmph."),
+        *[(who, f"{text} ({i})") for i in range(2) for who, text in said.items()],
+        ("Alice", "Bob did."),
+    ]
+    assert [r.speaker for r in rows if r.role == "user"] == ["Tom"] * 3
+
+
 def test_identical_request_twice_stores_nothing_twice_and_write_off_stores_nothing(
     llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "InvalidScope",
     "Names",
     "ScopeRef",
+    "chat_members",
     "detect_names",
     "resolve_scope",
     "validate_scope_name",
@@ -183,6 +184,16 @@ def detect_names(messages: list[dict[str, Any]]) -> Names:
     return _names(messages, _main_prompt(messages))
 
 
+def chat_members(messages: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The characters of the chat named by its main prompt (see `detect_names`): a
+    group's members ("between Alice, Bob and {user}"), else the character alone."""
+    prompt = _main_prompt(messages)
+    if prompt is None:
+        return ()
+    members = [p.strip() for p in _LIST_SPLIT.split(prompt.participants) if p.strip()]
+    return tuple(dict.fromkeys([*members, prompt.char]))
+
+
 # -- automatic scope ---------------------------------------------------------------
 
 
@@ -232,8 +243,10 @@ class _Prompt:
 
 # Main prompts are short and come first; a bounded scan keeps a huge lorebook cheap.
 _SCAN_CHARS = 4000
+# The longest name taken from a main prompt.
+MAX_NAME = 64
 # A name candidate: no line breaks, sentence ends or brackets; checked by _plausible.
-_N = r"[^\n.!?,;:\"{}\[\]<>()]{1,64}"
+_N = rf"[^\n.!?,;:\"{{}}\[\]<>()]{{1,{MAX_NAME}}}"
 _APOS = r"['’]"
 _WRITE_BETWEEN = re.compile(
     rf"\bWrite (?P<char>{_N}?){_APOS}s next (?:reply|response|message)\b[^\n.]{{0,80}}?"
@@ -277,7 +290,7 @@ def _main_prompt(messages: list[dict[str, Any]]) -> _Prompt | None:
 def _plausible(name: str) -> bool:
     """Whether a captured phrase looks like a name rather than a description."""
     words = name.split()
-    if not 1 <= len(words) <= 4 or len(name) > 64:
+    if not 1 <= len(words) <= 4 or len(name) > MAX_NAME:
         return False
     first = words[0]
     if not first[0].isalnum() or first[0].islower() or first.lower() in _PRONOUNS:

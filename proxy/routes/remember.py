@@ -42,6 +42,7 @@ from proxy.memory.recall import (
 from proxy.memory.record import Recorded, Turn, record_turn, transcript_index
 from proxy.memory.schedule import BackgroundConfig, TurnJobs, first_in_window
 from proxy.memory.scope import InvalidScope, ScopeRef, detect_names, resolve_scope
+from proxy.memory.speakers import move_name_prefixes, named_reply
 from proxy.memory.store import Store
 from proxy.memory.transcript import Alignment, TranscriptIndex, align
 from proxy.memory.worker import Activity, Worker
@@ -180,6 +181,9 @@ class Remember:
         char = scene.get("char_name") or names.char
         user = scene.get("user_name") or names.user
         query = query_text(messages)
+        # A group chat's "Name: text" messages, read with the names in `name`.
+        named = move_name_prefixes(messages, user)
+        spoken = named if named is not None else messages
         # The query embedding (its own thread) overlaps everything up to the vector
         # search: the transcript, trimming, and on the readers the scope's standing
         # context and the half of recall that needs no vector (`look_up`).
@@ -190,7 +194,7 @@ class Remember:
         lookup = self._look_up_soon(scope.id, query, now)
 
         transcript = await self._transcript(scope.id)
-        alignment = align(messages, transcript, max_blind_undo=self.settings.memory.max_blind_undo)
+        alignment = align(spoken, transcript, max_blind_undo=self.settings.memory.max_blind_undo)
         lap("transcript_ms")
 
         window = await self.windows.get(route.upstream, route.model)
@@ -286,9 +290,10 @@ class Remember:
             request_id,
             now,
             remember=remember,
-            messages=messages,
+            messages=spoken,
             char=char,
             user=user,
+            reply_name=char if named is not None else None,
             log=log_entry,
             timings=timings,
             background=background,
@@ -501,6 +506,8 @@ class Remember:
         if plan.scope_id is None or (not plan.remember and plan.log is None):
             return
         message = reply.message() if (reply.content or reply.tool_calls) else None
+        if message is not None and plan.reply_name:
+            message = named_reply(message, plan.reply_name)
         log_entry = None
         if plan.log is not None:
             try:  # a request log entry that cannot be built must not cost the turn
@@ -573,6 +580,7 @@ class RememberPlan:
     messages: list[dict[str, Any]] = field(default_factory=list)
     char: str | None = None
     user: str | None = None
+    reply_name: str | None = None  # the reply's `name` where names are in the text
     log: Callable[[], dict[str, Any]] | None = None  # the request log's entry, when kept
     timings: dict[str, float] = field(default_factory=dict)
     background: TurnJobs | None = None
