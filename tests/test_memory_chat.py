@@ -194,6 +194,35 @@ def test_a_thinking_models_reasoning_is_not_remembered_and_its_answer_continues(
     assert not any("think" in t or "Plan." in t or "hm" in t.split() for t in texts)
 
 
+def test_continue_with_prefill_stores_the_reply_whole(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    headers = {"X-Memory-Scope": "cont"}
+    history = [("user", "Count for me.")]
+    llama.enqueue(Reply(text="alpha beta gamma"))
+    chat(proxy, st_body(history), headers)
+    # SillyTavern's "continue" with prefill: the reply so far comes last, the model
+    # answers with the rest only.
+    history.append(("assistant", "alpha beta gamma"))
+    llama.enqueue(Reply(text=" delta epsilon."))
+    chat(proxy, st_body(history), headers)
+    rows = transcript_of(tmp_path / "memory.db", "cont")
+    active = [r.content for r in rows if r.state == "active" and r.content != GREETING]
+    assert active == ["Count for me.", "alpha beta gamma delta epsilon."]
+    # The next turn sends it whole, as stored: a continuation, nothing undone again.
+    undone = sum(r.state == "undone" for r in rows)
+    history[-1] = ("assistant", "alpha beta gamma delta epsilon.")
+    history.append(("user", "Thanks."))
+    chat(proxy, st_body(history), headers)
+    rows = transcript_of(tmp_path / "memory.db", "cont")
+    assert sum(r.state == "undone" for r in rows) == undone
+    assert [r.content for r in rows if r.state == "active"][-3:-1] == [
+        "alpha beta gamma delta epsilon.",
+        "Thanks.",
+    ]
+
+
 def group_body(speaker: str, turns: list[dict[str, str]]) -> dict[str, Any]:
     """A SillyTavern group chat request, names in prompt "Default": each character's
     message as "Name: text", the user's bare, a nudge for the character to speak."""

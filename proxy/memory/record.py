@@ -10,6 +10,7 @@ if the scope has none, and the request log entry is written.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.memory import jobs, records
 from proxy.memory.db import Connection
 from proxy.memory.transcript import StoredMessage, TranscriptIndex, align, message_fingerprint
-from proxy.messages import message_text, without_reasoning
+from proxy.messages import is_conversation, message_text, without_reasoning
 from proxy.style.sample import capture_style, drop_undone_style
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def transcript_index(conn: Connection, scope_id: int) -> TranscriptIndex:
 
 
 def _remember(conn: Connection, turn: Turn) -> Recorded:
+    turn = _continued(turn)
     index = transcript_index(conn, turn.scope_id)
     stored = index.stored
     alignment = align(list(turn.messages), index, max_blind_undo=turn.max_blind_undo)
@@ -127,6 +129,29 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         jobs=tuple(queued),
         transcript=transcript,
     )
+
+
+def _continued(turn: Turn) -> Turn:
+    """A request that ends with the assistant's own text (SillyTavern's "continue" with
+    prefill, an API prefill) gets the rest of that message as its reply: the message
+    is stored whole, as the app will send it next, not as two."""
+    conv = [m for m in turn.messages if is_conversation(m)]
+    last, reply = (conv[-1] if conv else None), turn.reply
+    if (
+        turn.partial
+        or reply is None
+        or last is None
+        or last.get("role") != "assistant"
+        or not isinstance(last.get("content"), str)
+        or not isinstance(reply.get("content"), str)
+        or last.get("tool_calls")
+        or reply.get("tool_calls")
+    ):
+        return turn
+    whole = {**last, "content": last["content"] + reply["content"]}
+    messages = list(turn.messages)
+    messages[max(i for i, m in enumerate(messages) if m is last)] = whole
+    return dataclasses.replace(turn, messages=messages, reply=None)
 
 
 def store_messages(
