@@ -542,3 +542,26 @@ def test_a_deleted_scopes_id_is_never_reused(store: Store) -> None:
     second = store.write_sync(records.get_or_create_scope, "key-b", "chat", None, 2.0)
     assert second.id != first.id
     assert store.read_sync(records.get_scope_by_id, "key-a", second.id) is None
+
+
+def test_a_deleted_memorys_id_is_never_reused(store: Store) -> None:
+    # A retried DELETE, or a stale page in a UI, must find nothing, not the next memory.
+    a = store.write_sync(records.get_or_create_scope, "", "a", None, 1.0)
+    b = store.write_sync(records.get_or_create_scope, "", "b", None, 1.0)
+
+    def add(scope_id: int, text: str) -> int:
+        (memory_id,) = store.write_sync(
+            records.insert_memories, [NewMemory(scope_id, "note", text, 1.0)], 1.0
+        )
+        return memory_id
+
+    first, newest = add(a.id, "kept"), add(a.id, "deleted")
+    assert store.write_sync(records.delete_memory, a.id, newest)
+    again = add(a.id, "new in the same scope")
+    assert again > newest
+    assert not store.write_sync(records.delete_memory, a.id, newest)  # the retry
+    assert store.read_sync(records.get_memory, a.id, again).text == "new in the same scope"
+    # Nor after the newest ones went with their scope, nor in another scope.
+    top = add(b.id, "b's")
+    assert store.write_sync(records.delete_scope, b.id)
+    assert add(a.id, "after the scope") > top > first

@@ -34,6 +34,7 @@ from proxy.memory.db import (
     StoreTooNew,
     sqlite_driver,
 )
+from proxy.memory.records import MEMORY_ID_FLOOR
 
 Migration = Callable[[Connection], None]
 
@@ -266,7 +267,29 @@ def m003_pinned_index(conn: Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (m001_initial, m002_chat_threads, m003_pinned_index)
+def m004_memory_ids_not_reused(conn: Connection) -> None:
+    """Remember the highest memory id ever deleted (`records.insert_memories` numbers
+    new memories above it): SQLite hands out the largest id + 1, so deleting the newest
+    memory gave its id to the next one, and a retried DELETE removed that one."""
+    _execute_script(
+        conn,
+        f"""
+        CREATE TRIGGER memories_deleted_top AFTER DELETE ON memories
+        WHEN old.id > coalesce((SELECT max(id) FROM memories), 0)
+        BEGIN
+            INSERT INTO meta (key, value) VALUES ('{MEMORY_ID_FLOOR}', old.id)
+            ON CONFLICT (key) DO UPDATE SET value = max(CAST(value AS INTEGER), old.id);
+        END;
+        """,
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    m001_initial,
+    m002_chat_threads,
+    m003_pinned_index,
+    m004_memory_ids_not_reused,
+)
 
 
 def _execute_script(conn: Connection, script: str) -> None:

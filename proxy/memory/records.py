@@ -24,6 +24,8 @@ MEMORY_KINDS = ("turn", "fact", "summary", "insight", "note")
 # The last date the store holds, 9999-12-31T23:59:59Z in unix seconds (the first is
 # 1970-01-01): what exports carry, so that every stored date can be imported again.
 MAX_DATE = 253402300799.0
+# The meta key holding the highest memory id ever deleted (see m004 in migrations.py).
+MEMORY_ID_FLOOR = "memory_id_floor"
 # SQLite's historical limit on bound parameters is 999; stay well below it.
 _CHUNK = 500
 
@@ -419,13 +421,21 @@ def insert_memories(conn: Connection, rows: Sequence[NewMemory], now: float) -> 
     Raises ValueError if a source message does not exist in the memory's scope.
     """
     ids = []
+    # A new id is never a deleted one's: SQLite would give the newest memory's id + 1,
+    # the id of one just deleted; the first memory goes above it, the rest follow.
+    next_id = None
+    floor = get_meta(conn, MEMORY_ID_FLOOR)
+    if floor is not None:
+        top = conn.execute("SELECT max(id) FROM memories").fetchone()[0] or 0
+        next_id = int(floor) + 1 if int(floor) >= top else None
     for mem in rows:
         if mem.kind not in MEMORY_KINDS:
             raise ValueError(f"unknown memory kind {mem.kind!r}")
         cursor = conn.execute(
-            "INSERT INTO memories (scope_id, kind, text, importance, at, created_at, pinned,"
-            " speaker, role, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO memories (id, scope_id, kind, text, importance, at, created_at,"
+            " pinned, speaker, role, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
+                next_id,
                 mem.scope_id,
                 mem.kind,
                 mem.text,
@@ -439,6 +449,7 @@ def insert_memories(conn: Connection, rows: Sequence[NewMemory], now: float) -> 
             ),
         )
         memory_id = cursor.lastrowid
+        next_id = None
         sources = sorted(set(mem.sources))
         for chunk in chunked(sources):
             added = conn.execute(
