@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.memory import records, scope_state
+from proxy.memory import manage, records, scope_state, summary
+from proxy.memory.records import NewMessage
+from proxy.memory.store import Store
 from tests.background_helpers import (
     MemoryModel,
     background_proxy,
@@ -188,3 +190,28 @@ def test_a_window_too_small_for_a_summary_fails_the_job_visibly_without_asking(
         assert "context window of 'local' leaves" in failed[0].last_error
         assert "summary_words" in failed[0].last_error  # and says what to change
         assert model.count("summary") == 0
+
+
+def test_a_summary_written_by_hand_outlives_a_swipe_and_stays_inside_the_transcript(
+    tmp_path: Path,
+) -> None:
+    store = Store.open_sync(tmp_path / "memory.db")
+    try:
+        scope = store.write_sync(records.get_or_create_scope, "", "s", None, 1.0)
+        rows = [
+            NewMessage(role, text, f"fp{i}", 1.0)
+            for i, (role, text) in enumerate(
+                [("user", "We sailed to Tarn."), ("assistant", "Mira nods.")]
+            )
+        ]
+        ids = store.write_sync(records.append_messages, scope.id, rows, None, 1)
+        store.write_sync(scope_state.save_summary, scope.id, "auto", 2, 1.0)
+        store.write_sync(manage.set_summary, scope.id, "By hand: Tarn.", now=2.0)
+        # A swipe undoes the reply both versions cover: the hand-written one stays.
+        store.write_sync(summary.rollback, scope.id, [ids[1]])
+        current = store.read_sync(scope_state.current_summary, scope.id)
+        assert current is not None and current.text == "By hand: Tarn."
+        with pytest.raises(ValueError, match="past the last message"):
+            store.write_sync(manage.set_summary, scope.id, "x", now=3.0, covers_until_seq=99)
+    finally:
+        store.close_sync()

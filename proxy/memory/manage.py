@@ -448,14 +448,15 @@ def set_summary(
     text = text.strip()
     if not text:
         raise ValueError("a summary needs some text; to remove it, clear it")
+    last = conn.execute(
+        "SELECT coalesce(max(seq), 0) FROM messages WHERE scope_id = ?", (scope_id,)
+    ).fetchone()[0]
     if covers_until_seq is None:
         current = scope_state.current_summary(conn, scope_id)
-        if current is not None:
-            covers_until_seq = current.covers_until_seq
-        else:
-            covers_until_seq = conn.execute(
-                "SELECT coalesce(max(seq), 0) FROM messages WHERE scope_id = ?", (scope_id,)
-            ).fetchone()[0]
+        covers_until_seq = current.covers_until_seq if current is not None else last
+    elif covers_until_seq > last:
+        # Past the transcript, no message would ever be left to summarize after it.
+        raise ValueError(f"covers_until_seq {covers_until_seq} is past the last message ({last})")
     scope_state.save_summary(conn, scope_id, text, covers_until_seq, now, {"source": "manual"})
     return get_summary(conn, scope_id)
 

@@ -119,7 +119,8 @@ def queue_if_due(
 
 def rollback(conn: Connection, scope_id: int, undone: Sequence[int]) -> list[int]:
     """Retract the summary versions that covered any of the `undone` messages (and
-    their archived copies); the newest earlier version becomes active again.
+    their archived copies); the newest earlier version becomes active again. A version
+    written by hand stays: it is the user's word, not something the messages said.
     Returns the retracted version ids."""
     if not undone:
         return []
@@ -138,7 +139,7 @@ def rollback(conn: Connection, scope_id: int, undone: Sequence[int]) -> list[int
         r[0]
         for r in conn.execute(
             "SELECT id FROM summaries WHERE scope_id = ? AND state != 'retracted'"
-            " AND covers_until_seq >= ?",
+            " AND covers_until_seq >= ? AND json_extract(meta, '$.source') IS NOT 'manual'",
             (scope_id, first),
         )
     ]
