@@ -214,3 +214,26 @@ def test_a_png_with_a_broken_chunk_crc_is_refused_unless_another_chunk_has_the_c
     assert fallback.status_code == 200, fallback.text
     assert fallback.json()["warnings"]  # says which chunk was broken
     assert import_card(proxy, "crc2", png(card_chunk(v3, b"ccv3"))).status_code == 200
+
+
+def test_a_card_imported_again_replaces_its_notes_instead_of_adding_them_twice(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+
+    def notes() -> list[str]:
+        listed = api(proxy, "GET", "/scopes/mira/memories", params={"kind": "note"}).json()
+        return sorted(n["text"] for n in listed["memories"])
+
+    assert import_card(proxy, "mira", json.dumps(CARD_V2).encode()).json()["notes"] == 2
+    before = notes()
+    again = import_card(proxy, "mira", json.dumps(CARD_V2).encode()).json()
+    assert (again["notes"], again["notes_retracted"]) == (0, 0)
+    assert notes() == before
+
+    # Edited: one entry rewritten, so the old one goes and the new one comes.
+    edited = json.loads(json.dumps(CARD_V2))
+    edited["data"]["character_book"]["entries"][0]["content"] = "Dunmore's bridge is mended."
+    result = import_card(proxy, "mira", json.dumps(edited).encode()).json()
+    assert (result["notes"], result["notes_retracted"]) == (1, 1)
+    assert notes() == ["Dunmore's bridge is mended.", "Mira swore never to lie to User."]

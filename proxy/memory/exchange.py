@@ -350,11 +350,13 @@ def finish_import(
                 scope_id,
             ),
         )
-    elif scope.get("label"):
-        conn.execute(
-            "UPDATE scopes SET label = ? WHERE id = ? AND label IS NULL",
-            (scope["label"], scope_id),
-        )
+    else:
+        if scope.get("label"):
+            conn.execute(
+                "UPDATE scopes SET label = ? WHERE id = ? AND label IS NULL",
+                (scope["label"], scope_id),
+            )
+        kept += _merge_settings(conn, scope_id, scope.get("settings") or {})
     active = [
         memory_ids[ref]
         for ref, m in zip(_refs(memories), memories, strict=True)
@@ -386,8 +388,11 @@ async def import_scope(
     (``check_document``) before anything is written, then written ``batch`` messages
     or memories per transaction, so that live chats are never kept waiting long.
     Into an empty scope everything is restored as it was, dates and settings included.
-    With ``append``, the document's chats become new threads after the scope's own
-    messages, and the scope keeps its own summary, style sample and settings.
+    Otherwise (``append``, or a scope with a summary, style sample or settings of its
+    own) the document's chats become new threads after the scope's own messages, and
+    the scope keeps its own summary, style sample and settings; the settings it has
+    none of (a scene, say) come from the document. ``kept_existing`` names what of the
+    document's was left out for the scope's own.
     """
     check_document(doc)
     plan = await store.write(begin_import, scope_id, append=append)
@@ -425,6 +430,17 @@ def _seqs(messages: Sequence[dict[str, Any]]) -> list[int]:
 def _refs(memories: Sequence[dict[str, Any]]) -> list[int]:
     """Each memory's ref: as given, else its position (from 1)."""
     return [_get(m, "ref", position) for position, m in enumerate(memories, start=1)]
+
+
+def _merge_settings(conn: Connection, scope_id: int, settings: dict[str, Any]) -> list[str]:
+    """Give the scope the document's settings (its scene, its switches) that it has
+    none of; return "settings.<key>" for each it keeps a value of its own for."""
+    row = conn.execute("SELECT settings FROM scopes WHERE id = ?", (scope_id,)).fetchone()
+    own = json.loads(row[0]) if row else {}
+    merged = {**settings, **own}
+    if merged != own:
+        conn.execute("UPDATE scopes SET settings = ? WHERE id = ?", (json.dumps(merged), scope_id))
+    return [f"settings.{key}" for key in settings if key in own and own[key] != settings[key]]
 
 
 def _is_empty(conn: Connection, scope_id: int) -> bool:
@@ -620,6 +636,19 @@ def apply_card(
         for entry in card.book
         if entry.enabled and entry.content.strip()
     ]
+    # A card imported again (edited, say) replaces the notes it brought last time: the
+    # same ones stay as they are, the others are retracted.
+    earlier = {
+        (text_, bool(pinned)): memory_id
+        for memory_id, text_, pinned in conn.execute(
+            "SELECT id, text, pinned FROM memories WHERE scope_id = ? AND kind = 'note'"
+            " AND state = 'active' AND json_extract(meta, '$.source') = 'card'"
+            " AND json_extract(meta, '$.card') = ?",
+            (scope_id, card.name),
+        )
+    }
+    notes = [n for n in notes if earlier.pop((n.text, n.pinned), None) is None]
+    retracted = records.retract_memories(conn, scope_id, list(earlier.values()))
     note_ids = records.insert_memories(conn, notes, now)
     if note_ids:
         jobs.enqueue(conn, EMBED_JOB, {"memory_ids": note_ids}, scope_id, now)
@@ -630,5 +659,6 @@ def apply_card(
         "style_sample": bool(sample),
         "notes": len(note_ids),
         "pinned_notes": sum(n.pinned for n in notes),
+        "notes_retracted": len(retracted),
         "warnings": list(card.warnings),
     }
