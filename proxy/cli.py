@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,31 @@ FALLBACK_UPSTREAM = "http://127.0.0.1:11434/v1"  # Ollama's default, the most co
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mnemoproxy` console script."""
+    try:
+        try:
+            return run_command(argv)
+        finally:
+            # Flush here, not in the interpreter's exit, so a closed pipe is caught below.
+            sys.stdout.flush()
+    except BrokenPipeError:  # `mnemoproxy ... | head`: the reader has all it wanted
+        return stdout_closed()
+
+
+def stdout_closed() -> int:
+    """Stop quietly once stdout's reader has gone: exit status 141 (128 + SIGPIPE), as a
+    command killed by the signal would, with stdout on /dev/null so that the buffered
+    rest is not flushed into the closed pipe again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no real file (captured in tests)
+        pass
+    return 141
+
+
+def run_command(argv: list[str] | None) -> int:
+    """Parse the command line and run the command; settings errors in one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -229,6 +255,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_configure(args: argparse.Namespace) -> int:
     """`mnemoproxy configure`: write a commented config.toml from flags or answers."""
     output = Path(args.output)
+    if output.is_dir():
+        print(f"mnemoproxy: {output} is a directory; give a file name", file=sys.stderr)
+        return 1
     if output.exists() and not args.force:
         print(f"{output} exists; use --force to overwrite", file=sys.stderr)
         return 1
@@ -245,13 +274,21 @@ def cmd_configure(args: argparse.Namespace) -> int:
     has_secret = bool(settings.auth.keys or settings.auth.admin_keys) or any(
         u.api_key for u in settings.upstreams.values()
     )
-    # Keys in the file: readable by its owner only.
-    output.touch(mode=0o600 if has_secret else 0o644, exist_ok=True)
-    if has_secret:
-        output.chmod(0o600)
-    output.write_text(text, encoding="utf-8")
+    try:
+        write_config(output, text, private=has_secret)
+    except OSError as exc:
+        print(f"mnemoproxy: cannot write {output}: {exc.strerror}", file=sys.stderr)
+        return 1
     print(f"wrote {output}; start with: mnemoproxy start --config {output}")
     return 0
+
+
+def write_config(output: Path, text: str, *, private: bool) -> None:
+    """Write the config file; with keys in it, readable by its owner only."""
+    output.touch(mode=0o600 if private else 0o644, exist_ok=True)
+    if private:
+        output.chmod(0o600)
+    output.write_text(text, encoding="utf-8")
 
 
 def ask_settings(overrides: dict[str, Any]) -> dict[str, Any]:

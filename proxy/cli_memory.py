@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -26,6 +27,7 @@ from urllib.parse import quote
 
 import httpx
 
+from proxy.memory.scope import InvalidScope, validate_scope_name
 from proxy.settings import Settings, load_settings
 
 DEFAULT_URL = "http://127.0.0.1:8765"
@@ -33,6 +35,9 @@ KEY_ENV = "MNEMOPROXY_KEY"
 URL_ENV = "MNEMOPROXY_URL"
 CHAT_BATCH = 250  # messages per request of import-chat (one write transaction each)
 TIMEOUT = 600.0  # an import of a large document may take minutes
+SCOPE_ARGS = ("scope", "name", "new_name")  # the arguments that name a scope
+# The X-Memory-Request-Id header's value (a uuid's hex); '.' or '..' would collapse the URL.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class CliError(Exception):
@@ -77,7 +82,10 @@ class Api:
             except (ValueError, KeyError, TypeError):
                 message = response.text.strip()[:300] or response.reason_phrase
             raise CliError(f"{message} ({response.status_code})")
-        return response.json() if response.content else None
+        try:
+            return response.json() if response.content else None
+        except ValueError:  # --url names some other server
+            raise CliError(f"{self.where} did not answer with JSON: is it mnemoproxy?") from None
 
 
 def _param(value: Any) -> str:
@@ -151,7 +159,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     export = _command(sub, "export", "write a scope as one JSON document", cmd_export)
     export.add_argument("scope")
-    export.add_argument("-o", "--output", help="file to write (default: standard output)")
+    export.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE|DIR",
+        help="file to write, or a directory to write SCOPE.json into (default: standard output)",
+    )
 
     for name, what, func in (
         ("import", "a scope document (from export)", cmd_import),
@@ -197,6 +210,7 @@ def run(args: argparse.Namespace, func: Callable[[Api, argparse.Namespace], Awai
             return await func(api, args)
 
     try:
+        check_names(args)
         return asyncio.run(main())
     except CliError as exc:
         print(f"mnemoproxy: {exc}", file=sys.stderr)
@@ -211,6 +225,8 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[Api]:
     if not args.db:
         settings = load_settings(args.config)
         url = (args.url or os.environ.get(URL_ENV) or _settings_url(settings)).rstrip("/")
+        if key and not key.isascii():  # httpx would fail to encode the header
+            raise CliError("the proxy key must be ASCII text")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         client = httpx.AsyncClient(base_url=url, headers=headers, timeout=TIMEOUT)
         try:
@@ -279,8 +295,34 @@ def _settings_url(settings: Settings) -> str:
     return f"http://{host}:{settings.server.port}"
 
 
+def check_names(args: argparse.Namespace) -> None:
+    """Refuse a bad scope name or request id before connecting or reading any file."""
+    for attr in SCOPE_ARGS:
+        if getattr(args, attr, None):  # '' is "not given" (a command may need it: it says so)
+            scope_name(getattr(args, attr))
+    if getattr(args, "id", None) is not None:
+        _request_id(args.id)
+
+
+def scope_name(name: str) -> str:
+    """`name` if it is a valid scope name, else a CliError saying why."""
+    try:
+        return validate_scope_name(name)
+    except InvalidScope as exc:
+        raise CliError(str(exc)) from None
+
+
 def _scope(name: str) -> str:
-    return "/scopes/" + quote(name, safe="")
+    # Validated first: quote() leaves '.' and '..' alone, and the URL would collapse.
+    return "/scopes/" + quote(scope_name(name), safe="")
+
+
+def _request_id(value: str) -> str:
+    if not _REQUEST_ID.fullmatch(value):
+        raise CliError(
+            f"a request id is letters, digits, '-' and '_' (X-Memory-Request-Id), not {value!r}"
+        )
+    return value
 
 
 def _print(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> int:
@@ -411,7 +453,7 @@ async def cmd_scene(api: Api, args: argparse.Namespace) -> int:
 async def cmd_requests(api: Api, args: argparse.Namespace) -> int:
     """`mnemoproxy requests SCOPE` (the log) or `requests --id ID` (one, in full)."""
     if args.id:
-        data = await api.call("GET", f"/requests/{quote(args.id, safe='')}")
+        data = await api.call("GET", f"/requests/{_request_id(args.id)}")
         return _print(args, data, _show_request)
     if not args.scope:
         raise CliError("requests SCOPE (to list) or requests --id REQUEST_ID (to show one)")
@@ -427,19 +469,35 @@ async def cmd_transcript(api: Api, args: argparse.Namespace) -> int:
 
 
 async def cmd_export(api: Api, args: argparse.Namespace) -> int:
-    """`mnemoproxy export SCOPE [-o FILE]`."""
+    """`mnemoproxy export SCOPE [-o FILE|DIR]`."""
+    to_stdout = not args.output or args.output == "-"
+    output = None if to_stdout else export_path(args.output, args.scope)
     data = await api.call("GET", f"{_scope(args.scope)}/export")
     text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
-    if not args.output or args.output == "-":
+    if output is None:
         sys.stdout.write(text)
         return 0
-    Path(args.output).write_text(text, encoding="utf-8")
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot write {output}: {exc.strerror}") from exc
     print(
         f"exported {args.scope}: {len(data['messages'])} messages, "
-        f"{len(data['memories'])} memories -> {args.output}",
+        f"{len(data['memories'])} memories -> {output}",
         file=sys.stderr,
     )
     return 0
+
+
+def export_path(output: str, scope: str) -> Path:
+    """Where `export -o OUTPUT` writes: OUTPUT, or OUTPUT/SCOPE.json when OUTPUT is a
+    directory (as `cp` does; a valid scope name is a safe file name)."""
+    path = Path(output).expanduser()
+    if path.is_dir():
+        return path / f"{scope}.json"
+    if output.endswith(("/", os.sep)):  # meant a directory, and there is none
+        raise CliError(f"no directory {output}")
+    return path
 
 
 async def cmd_import(api: Api, args: argparse.Namespace) -> int:
