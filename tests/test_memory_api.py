@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -519,6 +518,104 @@ def test_request_log_retention_and_off_switch(
     error_of(api(quiet, "GET", f"/requests/{request_id}"), 404)
 
 
+def test_request_log_pages_through_entries_logged_at_the_same_time(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    ids = [
+        chat(proxy, up, "same", [("user", f"Message {i}.")]).headers["x-memory-request-id"]
+        for i in range(5)
+    ]
+    # Three logged at the same time (an older log dated by X-Memory-Now, a coarse clock),
+    # between an older and a newer one: newest first, ties in the order logged.
+    base = time.time()
+    dates = [base - 2, base - 1, base - 1, base - 1, base]
+    store = open_store(tmp_path / "memory.db")  # the proxy's own SQLite, not the stdlib's
+    try:
+        store.write_sync(
+            lambda conn: conn.executemany(
+                "UPDATE requests SET created_at = ? WHERE id = ?",
+                list(zip(dates, ids, strict=True)),
+            )
+        )
+    finally:
+        store.close_sync()
+    newest_first = ids[::-1]
+
+    def pages(limit: int, **first: Any) -> list[list[str]]:
+        out, params = [], {"limit": limit, **first}
+        while True:
+            page = ok(api(proxy, "GET", "/scopes/same/requests", params=params))
+            out.append([r["id"] for r in page["requests"]])
+            if page["next_cursor"] is None:
+                assert page["next_before"] is None
+                return out
+            assert page["next_before"] == page["requests"][-1]["created_at"]
+            params = {"limit": limit, "cursor": page["next_cursor"]}
+
+    assert pages(1) == [[i] for i in newest_first]
+    assert pages(2) == [newest_first[:2], newest_first[2:4], newest_first[4:]]
+    assert pages(3) == [newest_first[:3], newest_first[3:]]
+    # The old float `before` still works: the entries older than it.
+    assert pages(10, before=base - 0.5) == [newest_first[1:]]
+    assert pages(10, before=base - 1) == [newest_first[4:]]
+    for params in ({"cursor": "soon"}, {"cursor": "nan:1"}, {"cursor": f"{base}:-1"}):
+        assert error_of(api(proxy, "GET", "/scopes/same/requests", params=params), 400)[
+            "param"
+        ] == ("cursor")
+    both = {"cursor": f"{base}:1", "before": base}
+    error_of(api(proxy, "GET", "/scopes/same/requests", params=both), 400)
+
+
+def test_request_log_dates_entries_by_the_clock_not_by_x_memory_now(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    started = time.time()
+    past = {"X-Memory-Now": "2020-01-01T00:00:00Z"}
+    request_id = chat(proxy, up, "past", [("user", "Hi.")], headers=past).headers[
+        "x-memory-request-id"
+    ]
+    entry = ok(api(proxy, "GET", f"/requests/{request_id}"))
+    assert started <= entry["created_at"] <= time.time()
+    assert entry["detail"]["now"] == 1577836800.0  # the request's own "now"
+    # Retention (at start) goes by the clock: a request handled just now stays.
+    second = memory_proxy(make_proxy, up, tmp_path)
+    kept = ok(api(second, "GET", "/scopes/past/requests"))["requests"]
+    assert [r["id"] for r in kept] == [request_id]
+
+
+def test_request_log_lists_the_pinned_notes_it_injected(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    ok(api(proxy, "POST", "/scopes", json={"name": "pin"}), 201)
+    note = ok(
+        api(
+            proxy,
+            "POST",
+            "/scopes/pin/memories",
+            json={"text": "Mira is allergic to cats.", "pinned": True},
+        ),
+        201,
+    )
+    response = chat(proxy, up, "pin", [("user", "Shall we go?")])
+    assert "Mira is allergic to cats." in (memory_block(up.last["messages"]) or "")
+    entry = ok(api(proxy, "GET", f"/requests/{response.headers['x-memory-request-id']}"))
+    injected = entry["detail"]["injected"]
+    notes = [item for item in injected if item.get("section") == "notes"]
+    assert notes == [
+        {
+            "memory_id": note["id"],
+            "kind": "note",
+            "section": "notes",
+            "pinned": True,
+            "text": "Mira is allergic to cats.",
+        }
+    ]
+    assert entry["injected"] == len(injected) == int(response.headers["x-memory-injected"])
+
+
 # -- export and import ---------------------------------------------------------------------------
 
 
@@ -756,9 +853,16 @@ def test_an_unexpected_error_is_a_500_envelope_and_the_connection_stays_usable(
         ),
         what="the turn to be stored",
     )
-    # A damaged row (written behind the proxy's back) breaks listing the scopes.
-    with sqlite3.connect(tmp_path / "memory.db") as conn:
-        conn.execute("UPDATE scopes SET settings = '[1]' WHERE name = 'mira'")
+    # A damaged row (written behind the proxy's back) breaks listing the scopes. Written
+    # through the proxy's own SQLite: two SQLite libraries in one process do not see
+    # each other's file locks, and one can corrupt the file under the other.
+    store = open_store(tmp_path / "memory.db")
+    try:
+        store.write_sync(
+            lambda conn: conn.execute("UPDATE scopes SET settings = '[1]' WHERE name = 'mira'")
+        )
+    finally:
+        store.close_sync()
     host, port = proxy.url.removeprefix("http://").split(":")
     request = f"GET /memory/scopes HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
     with socket.create_connection((host, int(port)), timeout=10) as sock:

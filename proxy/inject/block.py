@@ -42,13 +42,22 @@ class Recalled:
 
 
 @dataclass(frozen=True)
+class Note:
+    """A pinned memory, shown as a note on every turn (and logged with its id)."""
+
+    text: str
+    memory_id: int | None = None  # None: a bare text, no memory behind it
+    kind: str = "note"  # the memory's kind: any memory can be pinned
+
+
+@dataclass(frozen=True)
 class BlockInput:
     """Everything that may go into the memory block. `memories` are ranked best first."""
 
     summary: str | None = None
     memories: Sequence[Recalled] = ()
     style_sample: str | None = None
-    notes: Sequence[str] = ()
+    notes: Sequence[Note | str] = ()  # oldest first; a string is a Note without a memory
     scene: Mapping[str, str] = field(default_factory=dict)
     char: str = "Assistant"
     user: str = "User"
@@ -80,14 +89,15 @@ class Caps:
 class Block:
     """The built block. `tokens` counts `text` alone (no chat-message overhead).
 
-    `included` are the memories shown, in the order shown (time order); `sections`
-    maps each non-empty section to its tokens.
+    `included` are the memories shown, in the order shown (time order), `notes` the
+    pinned notes shown; `sections` maps each non-empty section to its tokens.
     """
 
     text: str
     tokens: int
     included: tuple[Recalled, ...]
     sections: dict[str, int]
+    notes: tuple[Note, ...] = ()
 
 
 EMPTY_BLOCK = Block(text="", tokens=0, included=(), sections={})
@@ -160,11 +170,13 @@ class _Builder:
         pieces = [piece for part in parts[:-1] for piece in (*part[:-1], part[-1] + _SECTION_SEP)]
         pieces += parts[-1]
         memories = sections.get("memories")
+        notes = sections.get("notes")
         return Block(
             text="".join(pieces),
             tokens=self.counter.count_pieces(pieces),
             included=memories.included if memories else (),
             sections=tokens,
+            notes=notes.notes if notes else (),
         )
 
     def _section(self, name: str, limit: int) -> _Section:
@@ -177,9 +189,10 @@ class _Builder:
             sample = self.inp.style_sample
             return self._prose(self.t.style_header, sample, limit, words=False)
         if name == "notes":
-            notes = [_one_line(note) for note in self.inp.notes]
-            lines = [format_fields(self.t.note_line, {"text": n}) for n in notes if n]
-            return self._lines(self.t.notes_header, lines, limit)
+            notes = [n if isinstance(n, Note) else Note(n) for n in self.inp.notes]
+            notes = [n for n in notes if _one_line(n.text)]
+            lines = [format_fields(self.t.note_line, {"text": _one_line(n.text)}) for n in notes]
+            return self._lines(self.t.notes_header, lines, limit, notes)
         return self._lines(self.t.scene_header, self._scene_lines(), limit)
 
     def _header(self, template: str) -> tuple[str, int]:
@@ -196,16 +209,20 @@ class _Builder:
         cut = truncate(body.strip(), limit - cost, self.counter, cut_words=words)
         return _Section((header, cut)) if cut else _NOTHING
 
-    def _lines(self, header_template: str, lines: list[str], limit: int) -> _Section:
+    def _lines(
+        self, header_template: str, lines: list[str], limit: int, notes: Sequence[Note] = ()
+    ) -> _Section:
+        """The lines that fit; with `notes` (one per line), the notes shown too."""
         header, cost = self._header(header_template)
         room = limit - cost
-        chosen = []
-        for line in lines:
+        chosen, shown = [], []
+        for index, line in enumerate(lines):
             line_cost = self.counter.count_text(line + "\n")
             if line and line_cost <= room:
                 chosen.append(line)
+                shown.extend(notes[index : index + 1])
                 room -= line_cost
-        return _Section(_joined(header, chosen)) if chosen else _NOTHING
+        return _Section(_joined(header, chosen), notes=tuple(shown)) if chosen else _NOTHING
 
     def _memories(self, limit: int) -> _Section:
         header, cost = self._header(self.t.memories_header)
@@ -263,6 +280,7 @@ class _Section(NamedTuple):
 
     pieces: tuple[str, ...]
     included: tuple[Recalled, ...] = ()  # the memories it shows
+    notes: tuple[Note, ...] = ()  # the notes it shows
 
 
 _NOTHING = _Section(())

@@ -6,7 +6,9 @@ Jobs: ``enqueue`` → ``claim`` (pending → running, attempts + 1) → ``finish
 therefore run twice: jobs must be idempotent). Jobs of a deleted scope go with it.
 
 The request log keeps what was sent upstream and why, per request id, pruned by
-``prune_requests``.
+``prune_requests``. Its order is newest first: by ``created_at`` (when the proxy handled
+the request, by the clock), then by rowid (the order entries were first logged in), so
+that entries logged at the same time keep a place of their own (`LogPosition`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.memory.db import Connection
 from proxy.memory.records import chunked, placeholders
@@ -178,6 +180,13 @@ def prune_jobs(conn: Connection, before: float) -> int:
 # -- request log ------------------------------------------------------------------
 
 
+class LogPosition(NamedTuple):
+    """Where an entry stands in the request log's order (see the module's docstring)."""
+
+    created_at: float
+    rowid: int
+
+
 @dataclass(frozen=True, slots=True)
 class RequestRow:
     """One logged request."""
@@ -186,12 +195,27 @@ class RequestRow:
     scope_id: int | None
     created_at: float
     detail: dict[str, Any]
+    rowid: int
+
+    @property
+    def position(self) -> LogPosition:
+        return LogPosition(self.created_at, self.rowid)
+
+
+_REQUEST_COLS = "r.id, r.scope_id, r.created_at, r.detail, r.rowid"
+
+
+def _request(row: tuple[Any, ...]) -> RequestRow:
+    return RequestRow(row[0], row[1], row[2], json.loads(row[3]), row[4])
 
 
 def log_request(
     conn: Connection, request_id: str, scope_id: int | None, detail: dict[str, Any], now: float
 ) -> None:
-    """Log a request (a second log under the same id replaces the first)."""
+    """Log a request (a second log under the same id replaces the first, keeping its
+    place). ``now`` is when the proxy handled it, by the clock: retention and paging go by
+    it, so it must never be a request's own "now" (``X-Memory-Now``), which may be any
+    date; that belongs in ``detail``."""
     conn.execute(
         "INSERT INTO requests (id, scope_id, created_at, detail) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (id) DO UPDATE SET scope_id = excluded.scope_id,"
@@ -204,29 +228,41 @@ def get_request(conn: Connection, owner: str | None, request_id: str) -> Request
     """A logged request, if it belongs to a scope of ``owner`` (None: any, admin only;
     requests without a scope are visible to the admin only)."""
     row = conn.execute(
-        "SELECT r.id, r.scope_id, r.created_at, r.detail FROM requests r"
-        " LEFT JOIN scopes s ON s.id = r.scope_id"
+        f"SELECT {_REQUEST_COLS} FROM requests r LEFT JOIN scopes s ON s.id = r.scope_id"
         " WHERE r.id = ? AND (? IS NULL OR s.owner = ?)",
         (request_id, owner, owner),
     ).fetchone()
-    return RequestRow(*row[:3], json.loads(row[3])) if row else None
+    return _request(row) if row else None
 
 
 def list_requests(
-    conn: Connection, scope_id: int, *, before: float | None = None, limit: int = 50
+    conn: Connection,
+    scope_id: int,
+    *,
+    before: float | LogPosition | None = None,
+    limit: int = 50,
 ) -> list[RequestRow]:
-    """A scope's logged requests, newest first; page with ``before`` (a created_at)."""
+    """A scope's logged requests, newest first. Page with ``before``: the last entry's
+    `LogPosition` (the entries after it), or a created_at (the entries older than it,
+    which skips any logged at that same time)."""
+    where, params = "r.scope_id = ?", [scope_id]
+    if isinstance(before, LogPosition):
+        where += " AND (r.created_at, r.rowid) < (?, ?)"
+        params += [before.created_at, before.rowid]
+    elif before is not None:
+        where += " AND r.created_at < ?"
+        params.append(before)
     rows = conn.execute(
-        "SELECT id, scope_id, created_at, detail FROM requests WHERE scope_id = ?"
-        " AND (? IS NULL OR created_at < ?) ORDER BY created_at DESC LIMIT ?",
-        (scope_id, before, before, limit),
+        f"SELECT {_REQUEST_COLS} FROM requests r WHERE {where}"
+        " ORDER BY r.created_at DESC, r.rowid DESC LIMIT ?",
+        (*params, limit),
     )
-    return [RequestRow(*r[:3], json.loads(r[3])) for r in rows]
+    return [_request(r) for r in rows]
 
 
 def prune_requests(conn: Connection, keep_days: float, keep_per_scope: int, now: float) -> int:
-    """Delete requests older than ``keep_days`` and, per scope, all but the newest
-    ``keep_per_scope``. Returns how many were deleted."""
+    """Delete requests logged more than ``keep_days`` before ``now`` (the clock) and, per
+    scope, all but the newest ``keep_per_scope``. Returns how many were deleted."""
     deleted = conn.execute(
         "DELETE FROM requests WHERE created_at < ?", (now - keep_days * 86400,)
     ).rowcount
@@ -234,7 +270,7 @@ def prune_requests(conn: Connection, keep_days: float, keep_per_scope: int, now:
         r[0]
         for r in conn.execute(
             "SELECT id FROM (SELECT id, row_number() OVER"
-            " (PARTITION BY scope_id ORDER BY created_at DESC, id DESC) AS n FROM requests)"
+            " (PARTITION BY scope_id ORDER BY created_at DESC, rowid DESC) AS n FROM requests)"
             " WHERE n > ?",
             (keep_per_scope,),
         )

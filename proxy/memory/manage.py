@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -556,16 +557,39 @@ def request_item(row: jobs.RequestRow) -> dict[str, Any]:
 
 
 def list_requests(
-    conn: Connection, scope_id: int, *, before: float | None = None, limit: int = 50
+    conn: Connection,
+    scope_id: int,
+    *,
+    before: float | jobs.LogPosition | None = None,
+    limit: int = 50,
 ) -> dict[str, Any]:
-    """The scope's logged requests, newest first; page with ``before`` (``next_before``)."""
+    """The scope's logged requests, newest first. Page with ``before``: the position of
+    ``next_cursor`` (`parse_request_cursor`), or a created_at (``next_before``: kept for
+    older clients, it skips entries logged at the same time as the page's last)."""
     rows = jobs.list_requests(conn, scope_id, before=before, limit=limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     return {
         "requests": [request_item(r) for r in rows],
+        "next_cursor": request_cursor(rows[-1].position) if more else None,
         "next_before": rows[-1].created_at if more else None,
     }
+
+
+def request_cursor(position: jobs.LogPosition) -> str:
+    """The request log's paging cursor after ``position``: its created_at and rowid, so
+    that entries logged at the same time are each reached once."""
+    return f"{position.created_at!r}:{position.rowid}"
+
+
+def parse_request_cursor(cursor: str) -> jobs.LogPosition:
+    """The position a `request_cursor` names; ValueError when it names none."""
+    created_at, _, rowid = cursor.partition(":")
+    with contextlib.suppress(ValueError):
+        position = jobs.LogPosition(float(created_at), int(rowid))
+        if 0 <= position.created_at < math.inf and position.rowid >= 0:
+            return position
+    raise ValueError(f"not a cursor of the request log: {cursor!r} (pass next_cursor back)")
 
 
 def get_request(conn: Connection, owner: str | None, request_id: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from proxy.inject.block import Recalled
+from proxy.inject.block import Note, Recalled
 from proxy.memory import records, scope_state, vectors
 from proxy.memory.db import Connection
 from proxy.memory.rank import Candidate, Weights, rank
@@ -39,7 +39,7 @@ class ScopeContext:
     summary: str | None
     style_text: str | None
     style_message_id: int | None
-    notes: tuple[str, ...]
+    notes: tuple[Note, ...]  # the pinned memories, oldest first
 
 
 def scope_context(conn: Connection, scope_id: int, *, style: bool = True) -> ScopeContext:
@@ -53,7 +53,7 @@ def scope_context(conn: Connection, scope_id: int, *, style: bool = True) -> Sco
         summary=summary.text if summary else None,
         style_text=sample.text if sample else None,
         style_message_id=sample.message_id if sample else None,
-        notes=tuple(m.text for m in reversed(pinned)),
+        notes=tuple(Note(m.text, m.id, m.kind) for m in reversed(pinned)),
     )
 
 

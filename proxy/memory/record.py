@@ -44,6 +44,9 @@ class Turn:
     max_blind_undo: int = 4
     capture_style: bool = True
     log: dict[str, Any] | None = None  # request log entry; None: no log
+    # The log entry's date: when the proxy handled the request, by the clock (retention
+    # and paging compare it with the clock); None: `now`. `now` goes into the entry.
+    logged_at: float | None = None
     remember: bool = True  # False: log only (X-Memory-Write: off, utility calls)
     background: TurnJobs | None = None  # background LLM jobs to queue (facts, summary)
 
@@ -68,8 +71,9 @@ def record_turn(conn: Connection, turn: Turn) -> Recorded:
     if turn.remember:
         result = _remember(conn, turn)
     if turn.log is not None:
-        detail = {**turn.log, "recorded": _summary(result)}
-        jobs.log_request(conn, turn.request_id, turn.scope_id, detail, turn.now)
+        detail = {**turn.log, "now": turn.now, "recorded": _summary(result)}
+        logged_at = turn.now if turn.logged_at is None else turn.logged_at
+        jobs.log_request(conn, turn.request_id, turn.scope_id, detail, logged_at)
     records.touch_scope(conn, turn.scope_id, turn.now)
     return result
 

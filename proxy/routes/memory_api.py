@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from proxy.errors import BadRequest, NotFound, error_envelope
-from proxy.memory import exchange, manage, records
+from proxy.memory import exchange, jobs, manage, records
 from proxy.memory.importers import CardError, parse_card, parse_chat
 from proxy.memory.manage import Housekeeping
 from proxy.memory.store import Store
@@ -307,7 +307,15 @@ async def style_history(call: Call) -> Any:
 async def list_requests(call: Call) -> Any:
     scope = await call.scope()
     q = call.query
-    return await call.read(manage.list_requests, scope.id, before=q.before, limit=q.limit)
+    before: float | jobs.LogPosition | None = q.before
+    if q.cursor is not None:
+        if q.before is not None:
+            raise BadRequest("give cursor or before, not both", param="cursor")
+        try:
+            before = manage.parse_request_cursor(q.cursor)
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="cursor") from exc
+    return await call.read(manage.list_requests, scope.id, before=before, limit=q.limit)
 
 
 async def get_request(call: Call) -> Any:

@@ -78,7 +78,18 @@ class SearchQuery(OwnerQuery):
 
 
 class RequestsQuery(OwnerQuery):
-    before: float | None = Field(None, ge=0, le=MAX_DATE, description="Page: older than this.")
+    cursor: str | None = Field(
+        None,
+        max_length=64,
+        description="Page: the entries after this one (a response's next_cursor). "
+        "Use it rather than before, which skips entries logged at the same time.",
+    )
+    before: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_DATE,
+        description="Page: logged before this time (unix seconds). Superseded by cursor.",
+    )
     limit: int = Field(50, ge=1, le=500)
 
 
@@ -421,7 +432,8 @@ class RequestItem(_Out):
 
 class RequestList(_Out):
     requests: list[RequestItem]
-    next_before: float | None
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null: none.")
+    next_before: float | None = Field(description="The last entry's created_at (see cursor).")
 
 
 class RequestOut(RequestItem):

@@ -246,7 +246,7 @@ class Remember:
         headers.update(
             {
                 "x-memory-trimmed": str(len(trim.dropped)),
-                "x-memory-injected": str(len(block.included)),
+                "x-memory-injected": str(len(block.notes) + len(block.included)),
                 "x-memory-prompt-tokens": str(sent_tokens),
                 "x-memory-tokens-saved": str(max(0, original_tokens - sent_tokens)),
             }
@@ -446,8 +446,19 @@ class Remember:
             "trimmed": list(trim.dropped),
             "injected": [
                 {
+                    "memory_id": n.memory_id,
+                    "kind": n.kind,
+                    "section": "notes",
+                    "pinned": True,
+                    "text": n.text,
+                }
+                for n in block.notes
+            ]
+            + [
+                {
                     "memory_id": m.memory_id,
                     "kind": m.kind,
+                    "section": "memories",
                     "score": round(m.score, 4),
                     "components": {k: round(v, 4) for k, v in m.components.items()},
                     "source_ids": list(m.source_ids),
@@ -532,6 +543,7 @@ class Remember:
             max_blind_undo=self.settings.memory.max_blind_undo,
             capture_style=self.settings.memory.style_sample,
             log=log_entry,
+            logged_at=plan.received_at,
             remember=plan.remember,
             background=plan.background,
         )
@@ -585,6 +597,7 @@ class RememberPlan:
     timings: dict[str, float] = field(default_factory=dict)
     background: TurnJobs | None = None
     calibration: tuple[tuple[str, str | None], int] | None = None  # key, our estimate
+    received_at: float = field(default_factory=time.time)  # by the clock: the log's date
 
     async def record(self, reply: ReplyAccumulator, *, partial: bool) -> None:
         """Store the turn once the reply is known. Never raises."""
