@@ -703,9 +703,11 @@ def test_bad_scope_documents_are_refused_with_400(
     document = {"format": "mnemoproxy.scope", "version": 1, **change}
     error = error_of(api(proxy, "POST", "/scopes/doc/import", json=document), 400)
     assert word in error["message"] + str(error["param"])
-    scope = api(proxy, "GET", "/scopes/doc")
-    if scope.status_code == 200:  # created, but nothing half-imported
-        assert ok(scope)["messages"]["active"] == 0 and ok(scope)["memories"]["active"] == 0
+    # Nothing of a refused import is left behind, not even the scope it would have made.
+    error_of(api(proxy, "GET", "/scopes/doc"), 404)
+    chat = {"messages": [{"role": "user", "content": "Hi."}], "thread": 5}
+    error_of(api(proxy, "POST", "/scopes/doc/transcript", json=chat), 404)  # no chat 5
+    error_of(api(proxy, "GET", "/scopes/doc"), 404)
 
 
 def test_imported_settings_take_effect_and_unknown_ones_are_dropped(

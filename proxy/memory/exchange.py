@@ -206,7 +206,8 @@ def begin_import(conn: Connection, scope_id: int, *, append: bool) -> ImportPlan
     ).fetchone()
     if count and not append:
         raise Refused(_not_empty())
-    return ImportPlan(last_seq, last_thread + 1 if count else 0, _is_empty(conn, scope_id))
+    fresh = records.scope_is_empty(conn, scope_id)
+    return ImportPlan(last_seq, last_thread + 1 if count else 0, fresh)
 
 
 def restore_messages(
@@ -441,16 +442,6 @@ def _merge_settings(conn: Connection, scope_id: int, settings: dict[str, Any]) -
     if merged != own:
         conn.execute("UPDATE scopes SET settings = ? WHERE id = ?", (json.dumps(merged), scope_id))
     return [f"settings.{key}" for key in settings if key in own and own[key] != settings[key]]
-
-
-def _is_empty(conn: Connection, scope_id: int) -> bool:
-    """No messages, memories, summaries, style sample or settings: a new scope."""
-    for table in ("messages", "memories", "summaries", "style"):
-        sql = f"SELECT 1 FROM {table} WHERE scope_id = ? LIMIT 1"
-        if conn.execute(sql, (scope_id,)).fetchone():
-            return False
-    row = conn.execute("SELECT settings FROM scopes WHERE id = ?", (scope_id,)).fetchone()
-    return row is not None and not json.loads(row[0])
 
 
 def _not_empty() -> str:

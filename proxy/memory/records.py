@@ -244,6 +244,21 @@ def delete_scope(conn: Connection, scope_id: int) -> bool:
     return conn.execute("DELETE FROM scopes WHERE id = ?", (scope_id,)).rowcount > 0
 
 
+def scope_is_empty(conn: Connection, scope_id: int) -> bool:
+    """No messages, memories, summaries, style sample or settings: a new scope."""
+    for table in ("messages", "memories", "summaries", "style"):
+        sql = f"SELECT 1 FROM {table} WHERE scope_id = ? LIMIT 1"
+        if conn.execute(sql, (scope_id,)).fetchone():
+            return False
+    row = conn.execute("SELECT settings FROM scopes WHERE id = ?", (scope_id,)).fetchone()
+    return row is not None and not json.loads(row[0])
+
+
+def delete_scope_if_empty(conn: Connection, scope_id: int) -> bool:
+    """Delete a scope that holds nothing (`scope_is_empty`); True if it was deleted."""
+    return scope_is_empty(conn, scope_id) and delete_scope(conn, scope_id)
+
+
 # -- transcript -------------------------------------------------------------------
 
 _MESSAGE_COLS = (

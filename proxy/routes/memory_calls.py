@@ -84,6 +84,7 @@ class Call:
     query: Any
     body: Any
     now: float
+    created: ScopeRow | None = None  # the scope this call made (`scope(create=True)`)
 
     async def scope(self, *, create: bool = False) -> ScopeRow:
         """The scope named in the path, of the caller's owner (404 if none; with
@@ -97,6 +98,7 @@ class Call:
         row = None if self.owner is None else await store.read(records.get_scope, self.owner, name)
         if row is None and create and self.owner is not None:
             row = await store.write(records.get_or_create_scope, self.owner, name, None, self.now)
+            self.created = row
         if row is None:
             raise NotFound(f"no scope named {name!r}", param="scope")
         return row
@@ -160,6 +162,16 @@ async def _run(op: Operation, request: Request) -> Any:
         body=body,
         now=time.time(),
     )
+    try:
+        return await _handled(op, call)
+    except Exception:
+        if call.created is not None:  # a call that failed leaves no scope of its making
+            await call.write(call.created, records.delete_scope_if_empty, call.created.id)
+        raise
+
+
+async def _handled(op: Operation, call: Call) -> Any:
+    """`op`'s handler, its errors as the API's."""
     try:
         return await op.handler(call)
     except manage.Missing as exc:
