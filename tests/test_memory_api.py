@@ -155,6 +155,11 @@ def test_scopes_list_show_rename_settings_and_delete(
     assert "already exists" in taken["message"]
     assert error_of(api(proxy, "POST", "/scopes", json={"name": "other"}), 409)
     assert error_of(api(proxy, "PATCH", "/scopes/saga", json={"name": "a/b"}), 400)
+    # A label left out stays; null or empty removes it.
+    assert ok(api(proxy, "PATCH", "/scopes/saga", json={}))["label"] == "Maps"
+    assert ok(api(proxy, "PATCH", "/scopes/saga", json={"label": None}))["label"] is None
+    ok(api(proxy, "PATCH", "/scopes/saga", json={"label": "Maps"}))
+    assert ok(api(proxy, "PATCH", "/scopes/saga", json={"label": ""}))["label"] is None
 
     # Delete: everything goes, and the chat path does not serve a stale scope.
     ok(api(proxy, "POST", "/scopes/saga/memories", json={"text": "Keep this", "pinned": True}), 201)

@@ -215,7 +215,8 @@ def update_scope_settings(conn: Connection, scope_id: int, changes: dict[str, An
 def rename_scope(
     conn: Connection, scope_id: int, *, name: str | None = None, label: str | None = None
 ) -> bool:
-    """Change a scope's name and/or label; False if it does not exist.
+    """Change a scope's name and/or label (an empty label removes it); False if it does
+    not exist.
 
     Raises ScopeNameTaken if the owner already has a scope called ``name``.
     """
@@ -230,7 +231,7 @@ def rename_scope(
             raise ScopeNameTaken(f"a scope named {name!r} already exists")
         conn.execute("UPDATE scopes SET name = ? WHERE id = ?", (name, scope_id))
     if label is not None:
-        conn.execute("UPDATE scopes SET label = ? WHERE id = ?", (label, scope_id))
+        conn.execute("UPDATE scopes SET label = nullif(?, '') WHERE id = ?", (label, scope_id))
     return True
 
 

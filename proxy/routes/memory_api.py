@@ -82,7 +82,10 @@ async def show_scope(call: Call) -> Any:
 async def patch_scope(call: Call) -> Any:
     scope = await call.scope()
     name = scope_name(call.body.name, "name") if call.body.name is not None else None
-    row = await call.write(scope, manage.rename_scope, scope.id, name, call.body.label)
+    label = call.body.label
+    if label is None and "label" in call.body.model_fields_set:
+        label = ""  # "label": null removes it (left out, it stays)
+    row = await call.write(scope, manage.rename_scope, scope.id, name, label)
     return await call.read(manage.scope_view, row)
 
 

@@ -111,7 +111,9 @@ class ScopeCreate(_In):
 
 class ScopePatch(_In):
     name: str | None = Field(None, pattern=SCOPE_PATTERN, max_length=128)
-    label: str | None = Field(None, max_length=200)
+    label: str | None = Field(
+        None, max_length=200, description="The shown name; null or empty removes it."
+    )
 
 
 class SettingsPatch(_In):
