@@ -699,6 +699,7 @@ def test_export_import_round_trip_is_exact_and_the_chat_continues(
         ({"scope": {"settings": {"scene": {"location": 5}}}}, "scope.settings.scene.location"),
         ({"style": {"text": "a", "message_seq": 4}}, "message_seq"),
         ({"messages": "none"}, "messages"),
+        ({"memories": [{"kind": "note", "text": "  "}]}, "memories.0.text"),
     ],
 )
 def test_bad_scope_documents_are_refused_with_400(

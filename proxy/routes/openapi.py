@@ -216,7 +216,7 @@ class DocMessage(_In):
 class DocMemory(_In):
     ref: int | None = Field(None, ge=1, le=MAX_ID)
     kind: Kind
-    text: str
+    text: str = Field(min_length=1, max_length=MAX_TEXT, pattern=r"\S")
     importance: float = Field(0.5, ge=0, le=1)
     at: float | None = Field(None, ge=0, le=MAX_DATE)
     created_at: float | None = Field(None, ge=0, le=MAX_DATE)
