@@ -54,3 +54,7 @@ def test_named_reply() -> None:
     assert named_reply(reply, "Bob") == {"role": "assistant", "content": "Fine.", "name": "Bob"}
     bare = {"role": "assistant", "content": "Fine."}
     assert named_reply(bare, "Bob") == {"role": "assistant", "content": "Fine.", "name": "Bob"}
+    thinking = {"role": "assistant", "content": "<think>Bob speaks.</think>\nBob: Fine."}
+    assert named_reply(thinking, "Bob")["content"] == "Fine."
+    tools = {"role": "assistant", "content": None, "tool_calls": []}
+    assert named_reply(tools, "Bob") == {**tools, "name": "Bob"}

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy.memory.scope import MAX_NAME, chat_members
-from proxy.messages import is_conversation
+from proxy.messages import is_conversation, without_reasoning
 
 __all__ = ["move_name_prefixes", "named_reply"]
 
@@ -59,10 +59,14 @@ def move_name_prefixes(
 
 def named_reply(reply: dict[str, Any], char: str) -> dict[str, Any]:
     """The reply of `char` in a chat whose names are in the text: under `name`, without
-    the "char: " the model may have begun it with."""
-    found = _split(reply, [char])
-    text = found[1] if found else reply.get("content")
-    return {**reply, "content": text, "name": char}
+    the "char: " the model may have begun its answer with (after its reasoning)."""
+    content = reply.get("content")
+    if not isinstance(content, str):
+        return {**reply, "name": char}
+    answer = without_reasoning(content)
+    if answer.startswith(char + ": "):
+        content = answer[len(char) + 2 :]
+    return {**reply, "content": content, "name": char}
 
 
 def _may_be_named(message: dict[str, Any]) -> bool:
