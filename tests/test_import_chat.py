@@ -206,3 +206,21 @@ def test_cli_import_chat_in_direct_mode_names_bad_lines(
     report = json.loads(capsys.readouterr().out)
     assert report["thread"] == 2 and report["messages"] == 3
     assert [e["line"] for e in report["errors"]] == [3]
+
+
+def test_transcript_append_takes_dates_as_unix_seconds_or_iso_8601(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    messages = [
+        {"role": "user", "content": "Hello.", "date": "2024-05-01T12:00:00Z"},
+        {"role": "assistant", "content": "Well met.", "date": 1714564860},
+    ]
+    result = api(proxy, "POST", "/scopes/dated/transcript", json={"messages": messages})
+    assert result.status_code == 200, result.text
+    stored = api(proxy, "GET", "/scopes/dated/transcript").json()["messages"]
+    assert [m["seen_at"] for m in stored] == [1714564800.0, 1714564860.0]
+    bad = [{"role": "user", "content": "Hi.", "date": "yesterday"}]
+    refused = api(proxy, "POST", "/scopes/dated/transcript", json={"messages": bad, "append": True})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "messages.0.date"

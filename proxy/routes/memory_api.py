@@ -152,7 +152,10 @@ async def get_transcript(call: Call) -> Any:
 async def append_transcript(call: Call) -> Any:
     body = call.body
     scope = await call.scope(create=True)
-    messages = [exchange.ChatMessage(m.role, m.content, m.name, m.date) for m in body.messages]
+    messages = [
+        exchange.ChatMessage(m.role, m.content, m.name, _date(m.date, f"messages.{i}.date"))
+        for i, m in enumerate(body.messages)
+    ]
     result = await call.write(
         scope,
         exchange.append_chat,
@@ -166,6 +169,11 @@ async def append_transcript(call: Call) -> Any:
     )
     call.service.wake()
     return result
+
+
+def _date(value: float | str | None, param: str) -> float | None:
+    """A message's date, in unix seconds or ISO 8601 (`parse_date`), as unix seconds."""
+    return None if value is None else parse_date(str(value), param)
 
 
 # -- memories ----------------------------------------------------------------------------

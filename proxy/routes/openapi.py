@@ -157,7 +157,9 @@ class ChatMessageIn(_In):
     role: Literal["user", "assistant", "system"]
     content: str = Field(max_length=MAX_TEXT)
     name: str | None = Field(None, max_length=200)
-    date: float | None = Field(None, ge=0, le=MAX_DATE, description="Unix seconds.")
+    date: float | str | None = Field(
+        None, description="When it was said: unix seconds or an ISO 8601 date."
+    )
 
 
 class TranscriptAppend(_In):
