@@ -27,6 +27,7 @@ from proxy.upstreams.discovery import (
     probe_local_servers,
 )
 from proxy.upstreams.registry import Upstream
+from proxy.upstreams.windows import ContextWindows, Window
 from tests.fakes.servers import RunningServer, run_server
 from tests.fakes.upstream import FakeUpstream
 
@@ -290,3 +291,25 @@ def test_every_flavor_is_found_by_the_probe(flavor: str) -> None:
     with FakeUpstream(flavor) as up:
         found = asyncio.run(probe_local_servers([(flavor, up.port)]))
         assert [(f.kind, f.models) for f in found] == [(flavor, ("fake-model",))]
+
+
+def test_a_server_that_came_up_after_the_first_lookup_is_asked_again_soon() -> None:
+    # llama.cpp still loading when the first chat came: the default must not stick.
+    port = closed_port()
+    upstream = Upstream(name="local", base_url=f"http://127.0.0.1:{port}/v1")
+
+    async def lookups() -> tuple[Window, Window, Window]:
+        pool = UpstreamPool({"local": upstream})
+        windows = ContextWindows(pool, 8192, unknown_ttl=0.2)
+        try:
+            before = await windows.get(upstream, "m")
+            with FakeUpstream(flavor="llamacpp", context_window=2048, port=port):
+                cached = await windows.get(upstream, "m")
+                await asyncio.sleep(0.3)
+                return before, cached, await windows.get(upstream, "m")
+        finally:
+            await pool.aclose()
+
+    before, cached, after = asyncio.run(lookups())
+    assert before == cached == Window(8192, "default")
+    assert after == Window(2048, "llama.cpp /props n_ctx")

@@ -1,8 +1,10 @@
 """The context window of each (upstream, model): config, else the server, else a default.
 
-Asking the server costs a round trip or two, so answers are cached (failures too, so a
-server that cannot tell is not asked on every request), and concurrent requests for the
-same model share one lookup.
+Asking the server costs a round trip or two, so answers are cached, and concurrent
+requests for the same model share one lookup. No answer is cached too, so that a server
+that cannot tell is not asked on every request, but briefly: a server still loading
+(started after the proxy, as llama.cpp often is) must not be budgeted with the default
+for long.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ class Window:
 class ContextWindows:
     """Resolves and caches context windows."""
 
-    def __init__(self, pool: UpstreamPool, default: int, *, ttl: float = 600.0):
+    def __init__(
+        self, pool: UpstreamPool, default: int, *, ttl: float = 600.0, unknown_ttl: float = 30.0
+    ):
         self.pool = pool
         self.default = default
         self.ttl = ttl
+        self.unknown_ttl = unknown_ttl
         self._cache: dict[tuple[str, str | None], tuple[float, Window]] = {}
         self._pending: dict[tuple[str, str | None], asyncio.Task[Window]] = {}
 
@@ -52,5 +57,6 @@ class ContextWindows:
     async def _ask(self, upstream: Upstream, model: str | None) -> Window:
         found = await context_window(self.pool, upstream, model, timeout=2.0)
         window = Window(*found) if found else Window(self.default, "default")
-        self._cache[(upstream.name, model)] = (time.monotonic() + self.ttl, window)
+        ttl = self.ttl if found else self.unknown_ttl
+        self._cache[(upstream.name, model)] = (time.monotonic() + ttl, window)
         return window
