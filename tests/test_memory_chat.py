@@ -274,6 +274,26 @@ def test_group_chat_names_in_the_text_keep_each_reply_with_its_speaker(
     assert [r.speaker for r in rows if r.role == "user"] == ["Tom"] * 3
 
 
+def test_a_swiped_first_reply_is_not_shown_as_the_style_sample_of_the_regenerate(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    # A chat without a greeting (Open WebUI, an SDK): the first reply is the sample.
+    body = {
+        "model": "fake-model",
+        "messages": [
+            {"role": "system", "content": "You are Kira."},
+            {"role": "user", "content": "Tell me a secret."},
+        ],
+    }
+    headers = {"X-Memory-Scope": "swipe1"}
+    llama.enqueue(Reply(text="The vault code is 1234, darling."))
+    chat(proxy, body, headers)
+    llama.enqueue(Reply(text="I never tell secrets."))
+    chat(proxy, body, headers)  # regenerate: the same body
+    assert "1234" not in json.dumps(llama.last["messages"])
+
+
 def test_identical_request_twice_stores_nothing_twice_and_write_off_stores_nothing(
     llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:

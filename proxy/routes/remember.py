@@ -377,7 +377,10 @@ class Remember:
     ) -> tuple[Block, Trim]:
         """Build the block, then give history back the room the block did not use."""
         kept_ids = _kept_ids(alignment, trim)
-        style = sample_to_show(context.style_text, context.style_message_id, kept_ids)
+        # A sample taken from a message this request takes back (a swiped first reply) is
+        # not shown; the turn's record drops it.
+        hidden = kept_ids | set(alignment.undone)
+        style = sample_to_show(context.style_text, context.style_message_id, hidden)
         inp = BlockInput(
             summary=context.summary,
             memories=recalled,
@@ -400,7 +403,7 @@ class Remember:
         # History got room back: memories it now shows again need not be injected.
         shown = _kept_ids(alignment, wider)
         still = [m for m in recalled if not (m.source_ids and shown.issuperset(m.source_ids))]
-        shown_style = sample_to_show(style, context.style_message_id, shown)
+        shown_style = sample_to_show(style, context.style_message_id, shown | hidden)
         if len(still) != len(recalled) or shown_style != style:
             inp = BlockInput(
                 summary=inp.summary,

@@ -44,8 +44,8 @@ def drop_undone_style(conn: Connection, scope_id: int, undone: Set[int]) -> bool
 
 
 def sample_to_show(text: str | None, message_id: int | None, in_window: Set[int]) -> str | None:
-    """The sample to inject, or None while its own message is still in the prompt
-    (the model sees the real thing there)."""
+    """The sample to inject, or None while its own message is among `in_window`: still
+    in the prompt (the model sees the real thing there), or taken back."""
     if not text or (message_id is not None and message_id in in_window):
         return None
     return text
