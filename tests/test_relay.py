@@ -74,8 +74,13 @@ def test_stream_ends_with_done_and_keeps_every_event(
     proxy = make_proxy({"local": upstream})
     body = {**ST_BODY, "stream": True}
     direct = httpx.post(f"{upstream.base_url}/chat/completions", json=body).text
-    relayed = httpx.post(f"{proxy.url}/v1/chat/completions", json=body).text
+    response = httpx.post(f"{proxy.url}/v1/chat/completions", json=body)
+    relayed = response.text
     assert relayed.endswith("data: [DONE]\n\n")
+    # One of each: fetch joins repeated headers ("text/event-stream, text/...").
+    names = [name.lower() for name, _ in response.headers.multi_items()]
+    assert names.count("content-type") == 1 and names.count("cache-control") == 1
+    assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
     strip = [json.loads(e[6:])["choices"] for e in direct.split("\n\n") if e.startswith("data: {")]
     got = [json.loads(e[6:])["choices"] for e in relayed.split("\n\n") if e.startswith("data: {")]
     assert got == strip

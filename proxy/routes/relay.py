@@ -50,8 +50,9 @@ class RelayResult:
 
 
 def response_headers(upstream: UpstreamResponse, extra: Mapping[str, str]) -> dict[str, str]:
-    """The upstream's content headers plus ours (X-Memory-*)."""
-    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+    """The upstream's content headers plus ours (X-Memory-*), names in lower case (so
+    that ours replace the upstream's, whatever its case: one Content-Type, not two)."""
+    headers = {k.lower(): v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
     headers.update(extra)
     return headers
 
@@ -226,7 +227,5 @@ async def pass_error(
         message = f"upstream {upstream.name!r} answered {response.status_code}: {text}"
         content = json.dumps(error_envelope(message, "upstream_error")).encode()
     headers = response_headers(response, extra)
-    # The body sent is JSON whatever the upstream's was (it may have been rewrapped).
-    for name in [k for k in headers if k.lower() == "content-type"]:
-        del headers[name]
+    headers.pop("content-type", None)  # the body sent is JSON, rewrapped or not
     await send_bytes(send, response.status_code, content, headers=headers)
