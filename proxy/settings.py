@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from proxy.inject.templates import DEFAULT_TEMPLATES, Templates
 from proxy.memory.prompts import DEFAULT_PROMPTS, DESCRIPTIONS, Prompts
@@ -64,7 +65,9 @@ class ServerSettings(_Section):
         description="With no upstream configured, look for a local model server on the usual "
         "ports (Ollama 11434, LM Studio 1234, llama.cpp 8080, text-generation-webui 5000).",
     )
-    log_level: str = Field(default="info", description="debug, info, warning or error.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="debug, info, warning or error."
+    )
     access_log: bool = Field(default=False, description="Log one line per HTTP request.")
 
 
@@ -448,6 +451,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"config file not found: {path}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:  # a directory, no permission
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from exc
 
 
 def config_path_from_env(explicit: str | Path | None) -> Path | None:
@@ -486,6 +491,11 @@ def load_settings(
 
     try:
         settings = _Sourced(**overrides)
+    except PydanticSettingsError as exc:  # a list or table in an environment variable
+        raise SettingsError(
+            f"{exc}; lists and tables in environment variables are JSON, e.g. "
+            f"{ENV_PREFIX}AUTH__KEYS='[\"key-1\"]'"
+        ) from None
     except ValidationError as exc:
         problems = [
             f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']} ({where.of(e['loc'])})"

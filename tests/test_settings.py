@@ -249,6 +249,21 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
     assert str(tmp_path / "nope.toml") in str(caught.value)
 
 
+def test_unreadable_file_and_bad_values_are_settings_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SettingsError, match="cannot read config file"):
+        load_settings(tmp_path)  # a directory
+    config = write(tmp_path / "c.toml", '[server]\nlog_level = "verbose"\n')
+    with pytest.raises(SettingsError, match="server.log_level"):
+        load_settings(config)
+    # A list in an environment variable is JSON; the error says so, without the value.
+    monkeypatch.setenv("MNEMOPROXY_AUTH__KEYS", "secret-key-1")
+    with pytest.raises(SettingsError, match="JSON") as caught:
+        load_settings()
+    assert "secret-key-1" not in str(caught.value)
+
+
 def test_route_to_unknown_upstream(tmp_path: Path) -> None:
     config = write(
         tmp_path / "c.toml",
