@@ -133,6 +133,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, key, None) is not None
     }
     overrides: dict[str, Any] = {"server": server} if server else {}
+    if args.upstream_key and len(args.upstream) != 1:
+        # One key for several servers would send a cloud key to a local one too.
+        raise SettingsError(
+            "--upstream-key goes with exactly one --upstream; for several, give each its "
+            "api_key in the config file or as MNEMOPROXY_UPSTREAMS__<NAME>__API_KEY"
+        )
     upstreams = {}
     for i, spec in enumerate(args.upstream):
         name, sep, url = spec.partition("=")

@@ -92,6 +92,17 @@ def test_configure_named_upstream_with_key_and_host(tmp_path: Path) -> None:
     assert settings.server.host == "0.0.0.0"
 
 
+def test_one_upstream_key_for_several_upstreams_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It went to every upstream: a cloud key reached the local server too.
+    argv = ["configure", "--upstream", "http://127.0.0.1:1234/v1", "--upstream"]
+    argv += ["oa=https://api.openai.com/v1", "--upstream-key", "sk-cloud"]
+    assert main([*argv, "-o", str(tmp_path / "c.toml")]) == 2
+    assert "exactly one --upstream" in capsys.readouterr().err
+    assert not (tmp_path / "c.toml").exists()
+
+
 def test_configure_refuses_to_overwrite_without_force(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
