@@ -101,7 +101,8 @@ class UpstreamSettings(_Section):
     )
     forward_client_key: bool = Field(
         default=False,
-        description="Send the client's own Authorization header upstream when no api_key is set.",
+        description="Send the client's own Authorization header upstream when no api_key is "
+        "set (not with [auth] keys; background work then goes without a key).",
     )
     connect_timeout: float = Field(default=5.0, gt=0, description="Seconds to connect.")
     read_timeout: float = Field(
@@ -502,6 +503,14 @@ def load_settings(
             for e in exc.errors(include_input=False)
         ]
         raise SettingsError("invalid configuration:\n" + "\n".join(problems)) from None
+    forwarding = [name for name, u in settings.upstreams.items() if u.forward_client_key]
+    if forwarding and (settings.auth.keys or settings.auth.admin_keys):
+        # With proxy keys, the client's Authorization is the proxy's key: never pass it on.
+        raise SettingsError(
+            f"upstream {forwarding[0]!r} has forward_client_key, but [auth] keys are set: "
+            "the client's key is then the proxy's own; give the upstream an api_key "
+            f"({where.of(('upstreams', forwarding[0], 'forward_client_key'))})"
+        )
     for model, upstream in settings.routes.items():
         if upstream not in settings.upstreams:
             raise SettingsError(

@@ -255,13 +255,25 @@ def test_unreadable_file_and_bad_values_are_settings_errors(
     with pytest.raises(SettingsError, match="cannot read config file"):
         load_settings(tmp_path)  # a directory
     config = write(tmp_path / "c.toml", '[server]\nlog_level = "verbose"\n')
-    with pytest.raises(SettingsError, match="server.log_level"):
+    with pytest.raises(SettingsError, match=r"server\.log_level"):
         load_settings(config)
     # A list in an environment variable is JSON; the error says so, without the value.
     monkeypatch.setenv("MNEMOPROXY_AUTH__KEYS", "secret-key-1")
     with pytest.raises(SettingsError, match="JSON") as caught:
         load_settings()
     assert "secret-key-1" not in str(caught.value)
+
+
+def test_forwarding_the_clients_key_with_proxy_keys_is_refused(tmp_path: Path) -> None:
+    # The client's Authorization would be the proxy's own key, sent to the model server.
+    config = write(
+        tmp_path / "c.toml",
+        '[upstreams.local]\nbase_url = "http://127.0.0.1:1234/v1"\n'
+        'forward_client_key = true\n[auth]\nkeys = ["proxy-key-1"]\n',
+    )
+    with pytest.raises(SettingsError, match="forward_client_key") as caught:
+        load_settings(config)
+    assert "proxy-key-1" not in str(caught.value)
 
 
 def test_route_to_unknown_upstream(tmp_path: Path) -> None:
