@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     for line in asyncio.run(check_upstreams(settings)):
         print(line)
     host, port = settings.server.host, settings.server.port
+    problem = preflight(settings)
+    if problem:
+        print(f"mnemoproxy: {problem}", file=sys.stderr)
+        return 1
     print(f"mnemoproxy listening on http://{host}:{port}/v1 (point your app's base URL here)")
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.auth.keys:
         print("warning: listening beyond this machine with no [auth] keys: anyone can use it")
@@ -207,6 +212,38 @@ def cmd_start(args: argparse.Namespace) -> int:
         server_header=False,
     )
     return 0
+
+
+def preflight(settings: Settings) -> str | None:
+    """What would stop the server once started, said in one line before it claims to
+    listen: the port taken, a memory file that is no usable database. (The server's own
+    start says it too, but as a traceback after "listening on".)"""
+    from proxy.app import database_path
+    from proxy.memory.db import StoreError, open_connection
+    from proxy.memory.migrations import migrate
+
+    host, port = settings.server.host, settings.server.port
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind((host, port))
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    if not settings.memory.enabled:
+        return None
+    path = database_path(settings)
+    try:
+        conn = open_connection(path)
+        try:
+            migrate(conn, path)
+        finally:
+            conn.close()
+    except StoreError as exc:
+        return str(exc)
+    except OSError as exc:  # its directory cannot be made
+        return f"cannot open the memory store {path}: {exc.strerror or exc}"
+    return None
 
 
 async def check_upstreams(settings: Settings, *, detail: bool = False) -> list[str]:

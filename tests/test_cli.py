@@ -383,3 +383,23 @@ def test_start_with_no_config_and_nothing_listening_still_starts(tmp_path: Path)
     assert f"upstream local: NOT reachable at {FALLBACK_UPSTREAM}" in output
     assert chat.status_code == 502
     assert "11434" in chat.json()["error"]["message"]  # the user learns where it looked
+
+
+def test_start_says_in_one_line_that_its_port_is_taken_or_its_store_unusable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corrupt = tmp_path / "memory.db"
+    corrupt.write_bytes(b"not a database, just some bytes" * 100)
+    monkeypatch.setenv("MNEMOPROXY_MEMORY__DATABASE", str(corrupt))
+    nowhere = "http://127.0.0.1:9/v1"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["start", "--upstream", nowhere, "--port", port]) == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["start", "--upstream", nowhere, "--port", port]) == 1
+    out, err = capsys.readouterr()
+    assert "listening on" not in out and "Traceback" not in err
+    assert err.startswith("mnemoproxy: the memory store") and "restore it" in err
+    assert corrupt.read_bytes().startswith(b"not a database")  # never replaced
