@@ -200,8 +200,12 @@ def cmd_start(args: argparse.Namespace) -> int:
     if problem:
         print(f"mnemoproxy: {problem}", file=sys.stderr)
         return 1
+    if settings.memory.enabled:  # a mistyped path would be a new, empty memory: say which
+        from proxy.app import database_path
+
+        print(f"memory: {database_path(settings)}")
     print(f"mnemoproxy listening on http://{host}:{port}/v1 (point your app's base URL here)")
-    if host not in ("127.0.0.1", "localhost", "::1") and not settings.auth.keys:
+    if not _local(host) and not settings.auth.keys:
         print("warning: listening beyond this machine with no [auth] keys: anyone can use it")
     uvicorn.run(
         build_app(settings),
@@ -212,6 +216,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         server_header=False,
     )
     return 0
+
+
+def _local(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def preflight(settings: Settings) -> str | None:
@@ -323,6 +331,8 @@ def cmd_configure(args: argparse.Namespace) -> int:
         print(f"mnemoproxy: cannot write {output}: {exc.strerror}", file=sys.stderr)
         return 1
     print(f"wrote {output}; start with: mnemoproxy start --config {output}")
+    if not _local(settings.server.host) and not settings.auth.keys:
+        print("warning: it listens beyond this machine with no [auth] keys: anyone can use it")
     return 0
 
 

@@ -80,7 +80,9 @@ def test_configure_from_flags_writes_a_file_that_loads_back(
     assert "# Port to listen on." in text  # commented, like the repository's config.toml
 
 
-def test_configure_named_upstream_with_key_and_host(tmp_path: Path) -> None:
+def test_configure_named_upstream_with_key_and_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "c.toml"
     argv = ["configure", "--upstream", "lms=http://127.0.0.1:1234/v1", "--upstream-key"]
     argv += ["sk-lm", "--host", "0.0.0.0", "-o", str(out)]
@@ -90,6 +92,7 @@ def test_configure_named_upstream_with_key_and_host(tmp_path: Path) -> None:
     assert lms.base_url == "http://127.0.0.1:1234/v1"
     assert lms.api_key is not None and lms.api_key.get_secret_value() == "sk-lm"
     assert settings.server.host == "0.0.0.0"
+    assert "warning: it listens beyond this machine" in capsys.readouterr().out
 
 
 def test_one_upstream_key_for_several_upstreams_is_refused(
