@@ -214,6 +214,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         log_level=settings.server.log_level,
         access_log=settings.server.access_log,
         server_header=False,
+        timeout_graceful_shutdown=settings.server.shutdown_timeout,
     )
     return 0
 

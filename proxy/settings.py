@@ -69,6 +69,12 @@ class ServerSettings(_Section):
         default="info", description="debug, info, warning or error."
     )
     access_log: bool = Field(default=False, description="Log one line per HTTP request.")
+    shutdown_timeout: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds a stop waits for replies still streaming; then they are cut, "
+        "and what each had received is stored as a partial reply.",
+    )
 
 
 class AuthSettings(_Section):

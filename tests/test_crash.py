@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,11 +28,13 @@ def _free_port() -> int:
 
 @contextmanager
 def proxy_process(
-    chat_url: str, embed_url: str, db: Path, home: Path
+    chat_url: str, embed_url: str, db: Path, home: Path, **settings: str
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`mnemoproxy start` as its own process, as a user runs it."""
+    """`mnemoproxy start` as its own process, as a user runs it (`settings`: more
+    environment, e.g. MNEMOPROXY_SERVER__SHUTDOWN_TIMEOUT="1")."""
     port = _free_port()
     env = {
+        **settings,
         **{k: v for k, v in os.environ.items() if not k.startswith("MNEMOPROXY_")},
         "XDG_DATA_HOME": str(home / "data"),
         "XDG_CACHE_HOME": str(home / "cache"),
@@ -115,3 +118,28 @@ def test_sigkill_right_after_a_reply_loses_nothing(tmp_path: Path) -> None:
             wait_until(embedded, 30, "the turn to be embedded after the restart")
     texts = {m.text for m in _memories(db, "crash")}
     assert {"Where did you hide the key?", "The key is under the third stone."} <= texts
+
+
+def test_a_stop_cuts_a_stalled_stream_after_its_timeout_and_keeps_what_came(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "memory.db"
+    dead_embedder = f"http://127.0.0.1:{_free_port()}/v1"
+    with FakeUpstream() as up:
+        # A reply that stalls after its first words (a model server that hangs).
+        up.enqueue(Reply(text="The key is under the third stone.", delay_between=30.0))
+        timeout = {"MNEMOPROXY_SERVER__SHUTDOWN_TIMEOUT": "1"}
+        with proxy_process(up.base_url, dead_embedder, db, tmp_path, **timeout) as (url, proc):
+            body = st_body([("user", "Where did you hide the key?")], stream=True)
+            with httpx.stream(
+                "POST", f"{url}/v1/chat/completions", json=body, headers={"X-Memory-Scope": "stop"}
+            ) as response:
+                first = next(response.iter_text())
+                assert "The" in first
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+            assert time.monotonic() - started < 15  # not the 30 s the upstream stalls
+    texts = {m.text for m in _memories(db, "stop")}
+    assert "Where did you hide the key?" in texts
+    assert any(t.startswith("The") and "stone" not in t for t in texts)  # partial, kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -102,15 +103,27 @@ class ChatCompletions:
                 await relay_sse(send, receive, response, upstream, headers=plan.headers)
                 return
             reply = ReplyAccumulator()
-            result = await relay_sse(
-                send,
-                receive,
-                response,
-                upstream,
-                headers=plan.headers,
-                on_chunk=reply.add_chunk,
-                before_done=lambda: plan.record(reply, partial=False),
-            )
+            recorded = False
+
+            async def record_whole() -> None:
+                nonlocal recorded
+                recorded = True
+                await plan.record(reply, partial=False)
+
+            try:
+                result = await relay_sse(
+                    send,
+                    receive,
+                    response,
+                    upstream,
+                    headers=plan.headers,
+                    on_chunk=reply.add_chunk,
+                    before_done=record_whole,
+                )
+            except asyncio.CancelledError:  # the server stops mid-stream: keep what came
+                if not recorded:
+                    await asyncio.shield(plan.record(reply, partial=True))
+                raise
             if result.client_gone or result.error is not None:
                 await plan.record(reply, partial=True)
         else:
