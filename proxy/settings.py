@@ -70,10 +70,10 @@ class ServerSettings(_Section):
     )
     access_log: bool = Field(default=False, description="Log one line per HTTP request.")
     shutdown_timeout: float = Field(
-        default=10.0,
+        default=5.0,
         ge=0,
         description="Seconds a stop waits for replies still streaming; then they are cut, "
-        "and what each had received is stored as a partial reply.",
+        "and what each had received is stored as a partial reply (within docker's 10 s).",
     )
 
 
