@@ -105,16 +105,22 @@ def test_first_chunk_arrives_before_upstream_finishes(
 
 
 def test_models_merged_with_routing_prefix(make_proxy: MakeProxy, make_client: MakeClient) -> None:
-    with FakeUpstream(models=["llama3"]) as local, FakeUpstream(models=["gpt-x"]) as remote:
-        proxy = make_proxy({"local": local, "remote": remote}, server={"default_upstream": "local"})
+    with (
+        FakeUpstream(models=["llama3", "shared"]) as local,
+        FakeUpstream(models=["gpt-x", "shared"]) as remote,
+    ):
+        proxy = make_proxy({"local": local, "remote": remote})
         client = make_client(proxy)
+        # A name one upstream lists routes there bare; one both list needs its prefix.
         ids = {m.id for m in client.models.list()}
-        assert ids == {"llama3", "remote/gpt-x"}
-        reply = client.chat.completions.create(
-            model="remote/gpt-x", messages=[{"role": "user", "content": "hi"}]
-        )
+        assert ids == {"llama3", "gpt-x", "local/shared", "remote/shared"}
+        hi = [{"role": "user", "content": "hi"}]
+        reply = client.chat.completions.create(model="remote/gpt-x", messages=hi)
         assert reply.choices[0].message.content
         assert remote.last["model"] == "gpt-x"  # prefix removed before forwarding
+        client.chat.completions.create(model="gpt-x", messages=hi)
+        client.chat.completions.create(model="remote/shared", messages=hi)
+        assert [r.json["model"] for r in remote.chat_requests] == ["gpt-x", "gpt-x", "shared"]
         assert local.chat_requests == []
 
 

@@ -32,12 +32,19 @@ async def merged_models(
     )
     merged: dict[str, dict] = {}
     errors = []
+    listed: dict[str, list[str]] = {}
     for upstream, result in zip(upstreams, results, strict=True):
         if isinstance(result, ProxyError):
             errors.append(result.message)
             continue
         if isinstance(result, BaseException):
             raise result
+        listed[upstream.name] = [entry["id"] for entry in result]
+    if not errors:  # an upstream that did not answer may list the same names
+        state.router.learn(listed)
+    for upstream, result in zip(upstreams, results, strict=True):
+        if isinstance(result, BaseException):
+            continue
         for entry in result:
             public = state.router.public_model_id(upstream, entry["id"])
             merged.setdefault(public, {**entry, "id": public})

@@ -48,8 +48,9 @@ class Router:
     """Picks the upstream for a model name.
 
     Order: `routes` (exact names or globs such as `gpt-4*`), an upstream's `models`
-    list, a `prefix/model` name (prefix stripped before forwarding), then the default
-    upstream. With no default, an unknown model is a 404.
+    list, a model that exactly one upstream listed when asked (`learn`), a
+    `prefix/model` name (prefix stripped before forwarding), then the default upstream.
+    With no default, an unknown model is a 404.
     """
 
     def __init__(
@@ -64,6 +65,21 @@ class Router:
         if default and self.default is None:
             raise ValueError(f"default upstream {default!r} is not configured")
         self._by_prefix = {u.prefix: u for u in self.upstreams.values() if u.prefix}
+        self._listed: dict[str, Upstream] = {}
+
+    def learn(self, listed: Mapping[str, Iterable[str]]) -> None:
+        """Remember the models each upstream lists (upstream name -> model ids): a model
+        that only one of them lists goes there by its bare name (apps pick a name from
+        /v1/models; with several upstreams it would otherwise need a prefix)."""
+        owners: dict[str, set[str]] = {}
+        for name, models in listed.items():
+            for model in models:
+                owners.setdefault(model, set()).add(name)
+        self._listed = {
+            model: self.upstreams[next(iter(names))]
+            for model, names in owners.items()
+            if len(names) == 1 and next(iter(names)) in self.upstreams
+        }
 
     def pick(self, model: str | None) -> Route:
         """The route for `model`; raises ModelNotFound when nothing serves it."""
@@ -74,6 +90,8 @@ class Router:
             for upstream in self.upstreams.values():
                 if model in upstream.models:
                     return Route(upstream, model)
+            if model in self._listed:
+                return Route(self._listed[model], model)
             prefix, sep, rest = model.partition("/")
             if sep and rest and prefix in self._by_prefix:
                 return Route(self._by_prefix[prefix], rest)
