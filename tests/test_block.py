@@ -141,6 +141,13 @@ def test_style_sample_is_labelled_for_voice_only(counter):
     assert block.text.endswith("'You're late,' she said.")
 
 
+def test_a_group_members_style_sample_is_labelled_with_its_own_speaker(counter):
+    # Alice speaks now; the sample is one of Bob's replies.
+    block = build(counter, char="Alice", style_sample="Hmph.", style_speaker="Bob")
+    assert "How Bob speaks" in block.text and "How Alice speaks" not in block.text
+    assert block.text.endswith("Hmph.")
+
+
 def test_scene_uses_its_slots(counter):
     block = build(
         counter,

@@ -13,6 +13,7 @@ import pytest
 
 from proxy.inject.tokens import TokenCounter
 from proxy.memory import records
+from proxy.memory.recall import scope_context
 from tests.conftest import MakeProxy
 from tests.fakes.servers import RunningServer
 from tests.fakes.upstream import FakeUpstream, Reply
@@ -272,6 +273,14 @@ def test_group_chat_names_in_the_text_keep_each_reply_with_its_speaker(
         ("Alice", "Bob did."),
     ]
     assert [r.speaker for r in rows if r.role == "user"] == ["Tom"] * 3
+    store = open_store(tmp_path / "memory.db")
+    try:  # the sample (the first reply, Alice's greeting) is shown as Alice's voice
+        scope = store.read_sync(records.get_scope, "", "crew")
+        assert scope is not None
+        context = store.read_sync(scope_context, scope.id)
+    finally:
+        store.close_sync()
+    assert (context.style_text, context.style_speaker) == ("Welcome aboard!", "Alice")
 
 
 def test_a_swiped_first_reply_is_not_shown_as_the_style_sample_of_the_regenerate(

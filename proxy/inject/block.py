@@ -57,6 +57,7 @@ class BlockInput:
     summary: str | None = None
     memories: Sequence[Recalled] = ()
     style_sample: str | None = None
+    style_speaker: str | None = None  # who said the sample, when known (a group's member)
     notes: Sequence[Note | str] = ()  # oldest first; a string is a Note without a memory
     scene: Mapping[str, str] = field(default_factory=dict)
     char: str = "Assistant"
@@ -187,7 +188,10 @@ class _Builder:
         if name == "style":
             # A sample cut mid-sentence would teach the voice of a broken sentence.
             sample = self.inp.style_sample
-            return self._prose(self.t.style_header, sample, limit, words=False)
+            header = self.t.style_header
+            if self.inp.style_speaker:  # its own speaker's voice, whoever speaks now
+                header = render(header, {**self.names, "char": self.inp.style_speaker})
+            return self._prose(header, sample, limit, words=False)
         if name == "notes":
             notes = [n if isinstance(n, Note) else Note(n) for n in self.inp.notes]
             notes = [n for n in notes if _one_line(n.text)]

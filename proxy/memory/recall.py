@@ -39,6 +39,7 @@ class ScopeContext:
     summary: str | None
     style_text: str | None
     style_message_id: int | None
+    style_speaker: str | None  # who said the sample (its message's speaker), if known
     notes: tuple[Note, ...]  # the pinned memories, oldest first
 
 
@@ -49,10 +50,18 @@ def scope_context(conn: Connection, scope_id: int, *, style: bool = True) -> Sco
     if sample is not None and not sample.enabled:
         sample = None
     pinned = records.list_memories(conn, scope_id, pinned=True, limit=50)
+    speaker = None
+    if sample is not None and sample.message_id is not None:
+        row = conn.execute(
+            "SELECT speaker FROM messages WHERE id = ? AND scope_id = ?",
+            (sample.message_id, scope_id),
+        ).fetchone()
+        speaker = row[0] if row else None
     return ScopeContext(
         summary=summary.text if summary else None,
         style_text=sample.text if sample else None,
         style_message_id=sample.message_id if sample else None,
+        style_speaker=speaker,
         notes=tuple(Note(m.text, m.id, m.kind) for m in reversed(pinned)),
     )
 
