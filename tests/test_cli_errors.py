@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,11 @@ import pytest
 
 from proxy.cli import main
 from proxy.cli_memory import Api, CliError
-from proxy.settings import Settings
 from tests.conftest import MakeProxy
 from tests.fakes.servers import RunningServer
 from tests.fakes.upstream import FakeUpstream
+from tests.test_cli import free_port
+from tests.test_memory_cli import memory_proxy as cli_proxy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,19 +46,9 @@ SCOPE_COMMANDS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def memory_proxy(make_proxy: MakeProxy, upstream: FakeUpstream, tmp_path: Path) -> RunningServer:
-    """A proxy with memory on, embedding through the fake upstream, with scope "camp"."""
-    sections = {"embeddings": {"backend": "upstream", "upstream": "local", "model": "fake-model"}}
-    if "background" in Settings.model_fields:
-        sections["background"] = {"llm": False}
-    memory = {"enabled": True, "database": str(tmp_path / "memory.db")}
-    proxy = make_proxy({"local": upstream}, memory=memory, **sections)
+    """`test_memory_cli`'s proxy (memory on, no LLM jobs), with a scope "camp"."""
+    proxy = cli_proxy(make_proxy, upstream, tmp_path)
     httpx.post(f"{proxy.url}/memory/scopes", json={"name": "camp"}).raise_for_status()
     return proxy
 
