@@ -242,12 +242,18 @@ async def _proxy_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    message = (
-        f"no such endpoint: {request.method} {request.url.path}"
-        if exc.status_code in (404, 405)
-        else str(exc.detail)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        message = f"no such endpoint: {where}"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow")
+        message = f"method not allowed: {where}" + (f" (allowed: {allowed})" if allowed else "")
+    else:
+        message = str(exc.detail)
+    # A 405 keeps its Allow header, as HTTP asks (clients and tools read it).
+    return JSONResponse(
+        error_envelope(message, kind), status_code=exc.status_code, headers=exc.headers
     )
-    return JSONResponse(error_envelope(message, kind), status_code=exc.status_code)
 
 
 class CountRequests:

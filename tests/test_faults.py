@@ -315,7 +315,8 @@ def test_unknown_path_is_an_enveloped_404(upstream: FakeUpstream, make_proxy: Ma
     assert "nothing/here" in error_of(response)["message"]
     wrong_method = httpx.put(f"{proxy.url}/healthz")
     assert wrong_method.status_code == 405
-    error_of(wrong_method)
+    assert "GET" in wrong_method.headers["allow"]
+    assert "GET" in error_of(wrong_method)["message"]
 
 
 def test_read_timeout_is_the_longest_silence_not_the_whole_answer(
