@@ -148,6 +148,13 @@ def test_a_group_members_style_sample_is_labelled_with_its_own_speaker(counter):
     assert block.text.endswith("Hmph.")
 
 
+def test_a_group_chats_block_names_all_its_characters(counter):
+    block = build(counter, char="Alice", group=("Alice", "Bob"), notes=["The ship is late."])
+    assert "between Alice, Bob and Tom" in block.text
+    alone = build(counter, char="Alice", group=("Alice",), notes=["The ship is late."])
+    assert "between Alice and Tom" in alone.text
+
+
 def test_scene_uses_its_slots(counter):
     block = build(
         counter,

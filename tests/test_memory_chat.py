@@ -262,8 +262,12 @@ def test_group_chat_names_in_the_text_keep_each_reply_with_its_speaker(
             chat(proxy, group_body(speaker, turns), headers)
             turns.append({"role": "assistant", "content": f"{speaker}: {reply}"})
     turns.append({"role": "user", "content": "Who made the anchor?"})
+    note = {"text": "The ship sails at dawn.", "pinned": True}  # so that a block is shown
+    httpx.post(f"{proxy.url}/memory/scopes/crew/memories", json=note).raise_for_status()
     llama.enqueue(Reply(text="Bob did."))
     chat(proxy, group_body("Alice", turns), headers)
+    # The block speaks of the whole group, not only of who speaks next.
+    assert "between Alice, Bob and Tom" in (memory_block(llama.last["messages"]) or "")
     rows = transcript_of(tmp_path / "memory.db", "crew")
     assert [r.state for r in rows] == ["active"] * len(rows)  # no reply undone, none twice
     assert [(r.speaker, r.content) for r in rows if r.role == "assistant"] == [

@@ -62,6 +62,9 @@ class BlockInput:
     scene: Mapping[str, str] = field(default_factory=dict)
     char: str = "Assistant"
     user: str = "User"
+    # A group chat's characters: the block's header names them all, not only the one
+    # who speaks next ({{char}}).
+    group: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,10 @@ class _Builder:
         self.sep_tokens = counter.count_text(_SECTION_SEP)
 
     def build(self, limit: int) -> Block:
-        header = render(self.t.block_header, self.names)
+        names = self.names
+        if len(self.inp.group) > 1:
+            names = {**names, "char": ", ".join(self.inp.group)}
+        header = render(self.t.block_header, names)
         remaining = limit - self.counter.count_text(header)
         sections: dict[str, _Section] = {}
         tokens: dict[str, int] = {}

@@ -70,7 +70,8 @@ class Templates:
     `help` in its metadata says what it is (config.toml shows it)."""
 
     block_header: str = _text(
-        "Opens the memory block: what it is, that it is dated, how to use it."
+        "Opens the memory block: what it is, that it is dated, how to use it. In a group "
+        "chat {{char}} here is every character of the group."
     )
     scene_header: str = _text("Header of the scene section (character, place, the user's name).")
     notes_header: str = _text("Header of the pinned notes, which are always shown.")

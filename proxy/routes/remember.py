@@ -41,7 +41,13 @@ from proxy.memory.recall import (
 )
 from proxy.memory.record import Recorded, Turn, record_turn, transcript_index
 from proxy.memory.schedule import BackgroundConfig, TurnJobs, first_in_window
-from proxy.memory.scope import InvalidScope, ScopeRef, detect_names, resolve_scope
+from proxy.memory.scope import (
+    InvalidScope,
+    ScopeRef,
+    chat_members,
+    detect_names,
+    resolve_scope,
+)
 from proxy.memory.speakers import move_name_prefixes, named_reply
 from proxy.memory.store import Store
 from proxy.memory.transcript import Alignment, TranscriptIndex, align
@@ -184,6 +190,7 @@ class Remember:
         # A group chat's "Name: text" messages, read with the names in `name`.
         named = move_name_prefixes(messages, user)
         spoken = named if named is not None else messages
+        group = chat_members(messages) if named is not None else ()
         # The query embedding (its own thread) overlaps everything up to the vector
         # search: the transcript, trimming, and on the readers the scope's standing
         # context and the half of recall that needs no vector (`look_up`).
@@ -229,6 +236,7 @@ class Remember:
             recalled,
             char,
             user,
+            group,
             scene,
             counter,
             available,
@@ -370,6 +378,7 @@ class Remember:
         recalled: list[Recalled],
         char: str | None,
         user: str | None,
+        group: tuple[str, ...],
         scene: Mapping[str, str],
         counter: TokenCounter,
         available: int,
@@ -390,6 +399,7 @@ class Remember:
             scene={k: v for k, v in scene.items() if k in ("character", "location", "user")},
             char=char or "the character",
             user=user or "the user",
+            group=group,
         )
         # The block gets at most the room the kept history leaves in the budget.
         room = max(0, available - trim.tokens - counter.per_message)
@@ -415,6 +425,7 @@ class Remember:
                 scene=inp.scene,
                 char=inp.char,
                 user=inp.user,
+                group=inp.group,
             )
             block = build_block(inp, counter, self.templates, caps)
         return block if block.text else EMPTY_BLOCK, wider
