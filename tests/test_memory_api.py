@@ -794,6 +794,9 @@ def test_a_key_cannot_see_change_or_delete_another_keys_scope(
             ("shared", owner_of(bob)),
         ]
     )
+    # Asked without an owner, it is told whose scope of that name there is.
+    hint = error_of(api(proxy, "GET", "/scopes/diary", admin), 404)["message"]
+    assert owner_of(alice) in hint and "?owner=" in hint
     as_alice = {"owner": owner_of(alice)}
     assert ok(api(proxy, "GET", "/scopes/diary", admin, params=as_alice))["name"] == "diary"
     assert ok(api(proxy, "GET", f"/requests/{request_id}", admin))["owner"] == owner_of(alice)

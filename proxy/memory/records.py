@@ -171,6 +171,14 @@ def get_scope(conn: Connection, owner: str, name: str) -> ScopeRow | None:
     return _scope(row) if row else None
 
 
+def owners_of_scope(conn: Connection, name: str) -> list[str]:
+    """The owners that have a scope named ``name`` (admin only: it crosses owners)."""
+    return [
+        r[0]
+        for r in conn.execute("SELECT owner FROM scopes WHERE name = ? ORDER BY owner", (name,))
+    ]
+
+
 def get_scope_by_id(conn: Connection, owner: str | None, scope_id: int) -> ScopeRow | None:
     """The scope with this id if ``owner`` owns it (``owner=None``: any owner, admin only)."""
     row = conn.execute(

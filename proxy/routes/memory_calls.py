@@ -100,8 +100,20 @@ class Call:
             row = await store.write(records.get_or_create_scope, self.owner, name, None, self.now)
             self.created = row
         if row is None:
-            raise NotFound(f"no scope named {name!r}", param="scope")
+            raise NotFound(await self._missing_scope(name), param="scope")
         return row
+
+    async def _missing_scope(self, name: str) -> str:
+        """Why the scope is not found; to an admin, which owners have one of that name
+        (a database of several keys is read owner by owner)."""
+        message = f"no scope named {name!r}"
+        if not self.identity.admin:  # another key's scopes are not even named
+            return message
+        owners = [o for o in await self.read(records.owners_of_scope, name) if o != self.owner]
+        if owners:
+            shown = ", ".join(repr(o) for o in owners[:5])
+            message += f"; owner {shown} has one: pass ?owner= (CLI: --owner)"
+        return message
 
     async def read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run `fn(conn, ...)` on a reader thread."""
