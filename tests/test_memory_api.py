@@ -184,6 +184,12 @@ def test_bad_input_gets_a_clear_400_in_the_error_envelope(
         ("POST", "/scopes/s/memories", {"json": {"text": "x", "importance": 3}}, "importance"),
         ("POST", "/scopes/s/memories", {"content": b"{not json"}, "not valid JSON"),
         ("POST", "/scopes/s/memories", {"content": b'{"text": NaN}'}, "NaN"),
+        (
+            "POST",
+            "/scopes/s/import",
+            {"content": b'{"memories": [{"kind": "note", "text": "x", "meta": {"v": 1e999}}]}'},
+            "1e999",
+        ),
         ("POST", "/scopes/s/memories", {"content": b'{"text": "\\ud800"}'}, "JSON"),
         ("POST", "/scopes/s/memories", {"content": b""}, "empty"),
         ("GET", "/scopes/s/memories", {"params": {"kind": "dream"}}, "kind"),

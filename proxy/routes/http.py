@@ -9,6 +9,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError
+from proxy.json_finite import loads_finite
 from proxy.messages import without_lone_surrogates
 
 
@@ -46,7 +47,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise BadRequest("request body is empty; expected a JSON object")
     try:
-        data = json.loads(body)
+        data = loads_finite(body)
         if b"\\ud" in body or b"\\uD" in body:  # an escaped surrogate, maybe a lone one
             data = without_lone_surrogates(data)
     # RecursionError: nested too deeply for the parser.

@@ -29,6 +29,7 @@ from proxy.errors import (
     ProxyError,
     ServiceUnavailable,
 )
+from proxy.json_finite import finite_only, loads_finite
 from proxy.memory import manage, records
 from proxy.memory.embed import CachedEmbedder
 from proxy.memory.rank import Weights
@@ -219,7 +220,10 @@ def _parse(model: type[M], raw: bytes) -> M:
 
 
 def _render(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
+    try:
+        return json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
+    except ValueError:  # a NaN or infinity stored by an older version: shown as null
+        return json.dumps(finite_only(data), ensure_ascii=False, allow_nan=False).encode()
 
 
 def _model(model: type[M], data: Any, where: str) -> M:
@@ -238,11 +242,8 @@ def _json(raw: bytes) -> Any:
     if not raw.strip():
         raise BadRequest("the request body is empty; expected a JSON object")
 
-    def reject(constant: str) -> None:
-        raise ValueError(f"{constant} is not JSON")
-
     try:
-        data = json.loads(raw, parse_constant=reject)
+        data = loads_finite(raw)
         # Lone surrogates ("\ud800") decode fine but cannot be stored as UTF-8.
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except (ValueError, UnicodeError, RecursionError) as exc:

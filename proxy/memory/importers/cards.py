@@ -37,6 +37,8 @@ import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from proxy.json_finite import loads_finite
+
 __all__ = [
     "BookEntry",
     "Card",
@@ -129,11 +131,13 @@ def parse_card(data: bytes, filename: str | None = None) -> Card:
     if not stripped.startswith(("{", "[")):
         raise CardError(f"{where}neither a PNG image nor JSON text")
     try:
-        obj = json.loads(stripped)
+        obj = loads_finite(stripped)
     except json.JSONDecodeError as exc:
         raise CardError(
             f"{where}invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except ValueError as exc:  # NaN, Infinity, 1e999
+        raise CardError(f"{where}invalid JSON: {exc}") from None
     except RecursionError:
         raise CardError(f"{where}JSON nested too deeply") from None
     return card_from_json(obj, where=where)
@@ -357,11 +361,13 @@ def _decode_value(text: str) -> Any:
         except UnicodeDecodeError:
             raise CardError("base64 that does not decode to UTF-8 text") from None
     try:
-        return json.loads(value)
+        return loads_finite(value)
     except json.JSONDecodeError as exc:
         raise CardError(
             f"invalid JSON inside ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
+    except ValueError as exc:  # NaN, Infinity, 1e999
+        raise CardError(f"invalid JSON inside ({exc})") from None
     except RecursionError:
         raise CardError("JSON inside nested too deeply") from None
 

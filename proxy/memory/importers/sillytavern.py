@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
+from proxy.json_finite import loads_finite
 from proxy.memory.records import MAX_DATE
 
 __all__ = [
@@ -215,9 +216,13 @@ def iter_chat(lines: Iterable[str | bytes], *, tz: tzinfo = UTC) -> Iterator[Cha
         if not text:
             continue
         try:
-            obj = json.loads(text)
+            obj = loads_finite(text)
         except json.JSONDecodeError as exc:
             yield LineError(number, f"not JSON: {exc.msg} at column {exc.colno}")
+            first = False
+            continue
+        except ValueError as exc:  # NaN, Infinity, 1e999
+            yield LineError(number, f"not JSON: {exc}")
             first = False
             continue
         except RecursionError:
