@@ -749,10 +749,11 @@ def _show_request(r: dict[str, Any]) -> None:
     )
     print(f"trimmed   {len(detail.get('trimmed') or [])} messages")
     for item in detail.get("injected") or []:
-        print(
-            f"injected  {item['kind']} #{item['memory_id']} score {item['score']:.3f} "
-            f"from messages {item['source_ids']}: {_one_line(item['text'], 60)}"
-        )
+        if item.get("pinned"):  # a note: always shown, so neither scored nor sourced
+            why = "pinned note"
+        else:
+            why = f"score {item['score']:.3f} from messages {item['source_ids']}"
+        print(f"injected  {item['kind']} #{item['memory_id']} {why}: {_one_line(item['text'], 60)}")
     if detail.get("timings"):
         print(f"timings   {detail['timings']}")
     for error in r["errors"]:

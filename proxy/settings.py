@@ -89,6 +89,14 @@ class AuthSettings(_Section):
         default=[], description="Keys that may also see and manage every key's memory."
     )
 
+    @field_validator("keys", "admin_keys")
+    @classmethod
+    def _no_blank_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        # A blank key (an unset "$VAR") would leave the proxy open while it looks keyed.
+        if any(not k.get_secret_value().strip() for k in value):
+            raise ValueError("a key is empty or blank (an unset environment variable?)")
+        return value
+
 
 class UpstreamSettings(_Section):
     """One model server speaking the OpenAI API under /v1."""

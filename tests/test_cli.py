@@ -137,6 +137,17 @@ def test_configure_with_a_bad_url_fails_cleanly(
     assert not out.exists()
 
 
+def test_configure_with_a_blank_key_fails_instead_of_writing_an_open_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--key "$UNSET"`: the proxy would have looked keyed and been open to anyone.
+    out = tmp_path / "c.toml"
+    assert main(["configure", "--key", " ", "--host", "0.0.0.0", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "empty or blank" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_configure_upstream_name_with_a_dot_loads_back(tmp_path: Path) -> None:
     out = tmp_path / "c.toml"
     assert (

@@ -124,6 +124,15 @@ def test_every_memory_command_against_a_running_proxy(
     assert all(rid in listed for rid in request_ids)
     detail = cli("requests", "--id", request_ids[-1])
     assert "tokens" in detail and "scope camp" in detail
+    # A request that showed a pinned note (which has no score) is shown too.
+    pinned = cli.json("memories", "add", "camp", "Ana fears boats.", "--pin")
+    history.append(("user", "Shall we sail?"))
+    up.enqueue(Reply(text="Mira nods."))
+    response = httpx.post(
+        f"{proxy.url}/s/camp/v1/chat/completions", json=st_body(history), headers=auth
+    )
+    detail = cli("requests", "--id", response.headers["x-memory-request-id"])
+    assert f"note #{pinned['id']} pinned note: Ana fears boats." in detail
     assert FACT in cli("transcript", "camp")
 
     # export, import, rename, settings, delete
