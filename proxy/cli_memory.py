@@ -106,7 +106,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     scopes.add_argument("name", nargs="?", help="the scope")
     scopes.add_argument("new_name", nargs="?", help="rename: the new name")
-    scopes.add_argument("--label", help="create/rename: a label shown to people")
+    scopes.add_argument(
+        "--label", help="create/rename: a label shown to people (rename --label '': none)"
+    )
     scopes.add_argument("--memory", choices=["on", "off"], help="set: memory on or off")
     scopes.add_argument("--style", choices=["on", "off"], help="set: style sample on or off")
     scopes.add_argument(
@@ -351,8 +353,8 @@ async def cmd_scopes(api: Api, args: argparse.Namespace) -> int:
     elif args.action == "rename":
         if not args.new_name and args.label is None:
             raise CliError("scopes rename NAME NEW_NAME (and/or --label LABEL)")
-        body = {"name": args.new_name, "label": args.label}
-        data = await api.call("PATCH", path, body={k: v for k, v in body.items() if v})
+        body = {"name": args.new_name or None, "label": args.label}  # --label "": removed
+        data = await api.call("PATCH", path, body={k: v for k, v in body.items() if v is not None})
     elif args.action == "set":
         changes = {"enabled": args.memory, "style": args.style, "llm": args.llm}
         body = {k: v == "on" for k, v in changes.items() if v is not None}

@@ -180,6 +180,15 @@ def test_bad_input_gets_a_clear_400_in_the_error_envelope(
     cases = [
         ("PATCH", "/scopes/s/settings", {"json": {"enabled": "maybe"}}, "enabled"),
         ("PATCH", "/scopes/s/settings", {"json": {"colour": True}}, "colour"),
+        # Not a boolean: is "no" (or 0, or "false") meant as false? Say so instead.
+        ("PATCH", "/scopes/s/settings", {"json": {"enabled": "no"}}, "enabled"),
+        ("PATCH", "/scopes/s/settings", {"json": {"enabled": 0}}, "enabled"),
+        (
+            "POST",
+            "/scopes/s/transcript",
+            {"json": {"messages": [{"role": "user", "content": "x", "date": True}]}},
+            "date",
+        ),
         ("POST", "/scopes/s/memories", {"json": {"text": ""}}, "text"),
         ("POST", "/scopes/s/memories", {"json": {"text": "x", "importance": 3}}, "importance"),
         ("POST", "/scopes/s/memories", {"content": b"{not json"}, "not valid JSON"),
@@ -570,7 +579,8 @@ def test_request_log_pages_through_entries_logged_at_the_same_time(
     # The old float `before` still works: the entries older than it.
     assert pages(10, before=base - 0.5) == [newest_first[1:]]
     assert pages(10, before=base - 1) == [newest_first[4:]]
-    for params in ({"cursor": "soon"}, {"cursor": "nan:1"}, {"cursor": f"{base}:-1"}):
+    bad = ["soon", "nan:1", f"{base}:-1", f"{base}:{2**70}", "1_000:1"]
+    for params in [{"cursor": c} for c in bad]:
         assert error_of(api(proxy, "GET", "/scopes/same/requests", params=params), 400)[
             "param"
         ] == ("cursor")

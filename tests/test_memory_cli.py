@@ -145,6 +145,8 @@ def test_every_memory_command_against_a_running_proxy(
     cli("import", "copy", str(exported), status=1)
     assert "append" in cli.err
     assert "scope     copy2" in cli("scopes", "rename", "copy", "copy2")
+    assert cli.json("scopes", "rename", "copy2", "--label", "Ship")["label"] == "Ship"
+    assert cli.json("scopes", "rename", "copy2", "--label", "")["label"] is None
     assert "memory off" in cli("scopes", "set", "copy2", "--memory", "off")
     cli("scopes", "rm", "copy2", status=1)  # no terminal to ask, no --yes
     assert "not deleted" in cli.err

@@ -586,8 +586,11 @@ def parse_request_cursor(cursor: str) -> jobs.LogPosition:
     """The position a `request_cursor` names; ValueError when it names none."""
     created_at, _, rowid = cursor.partition(":")
     with contextlib.suppress(ValueError):
+        if "_" in cursor:  # float() and int() take "1_000": no cursor we give out has one
+            raise ValueError(cursor)
         position = jobs.LogPosition(float(created_at), int(rowid))
-        if 0 <= position.created_at < math.inf and position.rowid >= 0:
+        # Within SQLite's integers: a larger rowid failed in the query, as a 500.
+        if 0 <= position.created_at < math.inf and 0 <= position.rowid < 2**63:
             return position
     raise ValueError(f"not a cursor of the request log: {cursor!r} (pass next_cursor back)")
 

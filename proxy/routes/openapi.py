@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
 from pydantic.json_schema import models_json_schema
 
 from proxy.memory.records import MAX_DATE, MEMORY_KINDS
@@ -117,10 +117,10 @@ class ScopePatch(_In):
 
 
 class SettingsPatch(_In):
-    enabled: bool | None = Field(None, description="Memory on or off for this scope.")
-    style: bool | None = Field(None, description="Style sample on or off.")
+    enabled: bool | None = Field(None, strict=True, description="Memory on or off for this scope.")
+    style: bool | None = Field(None, strict=True, description="Style sample on or off.")
     llm: bool | None = Field(
-        None, description="Background summaries, facts and insights on or off."
+        None, strict=True, description="Background summaries, facts and insights on or off."
     )
 
 
@@ -135,13 +135,13 @@ class SceneIn(_In):
 class NoteIn(_In):
     text: str = Field(min_length=1, max_length=MAX_TEXT)
     importance: float = Field(0.5, ge=0, le=1)
-    pinned: bool = Field(False, description="Pinned: shown on every turn.")
+    pinned: bool = Field(False, strict=True, description="Pinned: shown on every turn.")
 
 
 class MemoryPatch(_In):
     text: str | None = Field(None, min_length=1, max_length=MAX_TEXT)
     importance: float | None = Field(None, ge=0, le=1)
-    pinned: bool | None = None
+    pinned: bool | None = Field(None, strict=True)
 
 
 class SummaryIn(_In):
@@ -157,7 +157,8 @@ class ChatMessageIn(_In):
     role: Literal["user", "assistant", "system"]
     content: str = Field(max_length=MAX_TEXT)
     name: str | None = Field(None, max_length=200)
-    date: float | str | None = Field(
+    # Strict: lax, `true` was read as 1.0, the first second of 1970.
+    date: StrictFloat | StrictStr | None = Field(
         None, description="When it was said: unix seconds or an ISO 8601 date."
     )
 
@@ -167,7 +168,9 @@ class TranscriptAppend(_In):
     thread: int | None = Field(
         None, ge=0, le=MAX_ID, description="Continue this chat (the first batch's thread)."
     )
-    append: bool = Field(False, description="Allow a new chat in a scope that has messages.")
+    append: bool = Field(
+        False, strict=True, description="Allow a new chat in a scope that has messages."
+    )
     char_name: str | None = Field(None, max_length=200)
     user_name: str | None = Field(None, max_length=200)
 
@@ -224,7 +227,7 @@ class DocMemory(_In):
     created_at: float | None = Field(None, ge=0, le=MAX_DATE)
     state: Literal["active", "retracted", "superseded"] = "active"
     superseded_by: int | None = Field(None, ge=1, le=MAX_ID)
-    pinned: bool = False
+    pinned: bool = Field(False, strict=True)
     speaker: str | None = None
     role: str | None = None
     meta: dict[str, Any] = {}
