@@ -687,6 +687,29 @@ def test_export_import_round_trip_is_exact_and_the_chat_continues(
     assert after["messages"]["active"] == copy["messages"]["active"] * 2 - 2
 
 
+def test_a_document_of_notes_only_is_not_imported_twice_unless_appended(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    ok(api(proxy, "POST", "/scopes", json={"name": "card"}), 201)
+    ok(
+        api(
+            proxy,
+            "POST",
+            "/scopes/card/memories",
+            json={"text": "Mira fears ships.", "pinned": True},
+        ),
+        201,
+    )
+    notes_only = ok(api(proxy, "GET", "/scopes/card/export"))
+    assert notes_only["messages"] == []
+    ok(api(proxy, "POST", "/scopes/twice/import", json=notes_only))
+    error = error_of(api(proxy, "POST", "/scopes/twice/import", json=notes_only), 409)
+    assert "memories" in error["message"] and "append" in error["message"]
+    listed = ok(api(proxy, "GET", "/scopes/twice/memories"))["memories"]
+    assert [m["text"] for m in listed] == ["Mira fears ships."]  # not doubled
+
+
 @pytest.mark.parametrize(
     ("change", "word"),
     [

@@ -204,8 +204,15 @@ def begin_import(conn: Connection, scope_id: int, *, append: bool) -> ImportPlan
         " WHERE scope_id = ?",
         (scope_id,),
     ).fetchone()
-    if count and not append:
-        raise Refused(_not_empty())
+    # Memories without messages (a card's notes, a notes-only document) count too: a
+    # second import of the same document would have doubled every one of them.
+    if not append and (
+        count
+        or conn.execute(
+            "SELECT 1 FROM memories WHERE scope_id = ? AND state = 'active' LIMIT 1", (scope_id,)
+        ).fetchone()
+    ):
+        raise Refused(_not_empty("messages or memories"))
     fresh = records.scope_is_empty(conn, scope_id)
     return ImportPlan(last_seq, last_thread + 1 if count else 0, fresh)
 
@@ -444,9 +451,9 @@ def _merge_settings(conn: Connection, scope_id: int, settings: dict[str, Any]) -
     return [f"settings.{key}" for key in settings if key in own and own[key] != settings[key]]
 
 
-def _not_empty() -> str:
+def _not_empty(what: str = "messages") -> str:
     return (
-        "this scope already has messages; import into a new scope, or append to this one "
+        f"this scope already has {what}; import into a new scope, or append to this one "
         "(append=true, or --append) to add the import as another chat"
     )
 
