@@ -254,6 +254,27 @@ def test_invalid_sse_breaks_the_openai_client() -> None:
             list(client.chat.completions.create(model="m", messages=USER, stream=True))
 
 
+def test_raw_pieces_are_the_body_as_given_one_write_each() -> None:
+    with FakeUpstream() as up:
+        pieces = [b'data: {"choices": 5}\n\n', b"data: {odd\n\n"]
+        up.enqueue(Reply(raw=pieces, delay_between=0.3))
+        started, arrivals = time.monotonic(), []
+        with httpx.stream(
+            "POST",
+            up.base_url + "/chat/completions",
+            json={"model": "m", "messages": USER, "stream": True},
+        ) as response:
+            assert response.headers["content-type"] == "text/event-stream"
+            for data in response.iter_raw():
+                arrivals.append((data, time.monotonic() - started))
+        assert [data for data, _ in arrivals] == pieces
+        assert arrivals[1][1] - arrivals[0][1] >= 0.25
+        up.enqueue(Reply(raw=[b'{"choices": ', b"5}"]))
+        whole = chat(up)
+        assert whole.headers["content-type"] == "application/json"
+        assert whole.content == b'{"choices": 5}'
+
+
 def test_client_leaving_mid_stream_is_seen_at_once_while_the_fake_sleeps() -> None:
     with FakeUpstream() as up:
         up.enqueue(Reply("a b c d e f", delay_between=5.0))

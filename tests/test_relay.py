@@ -5,14 +5,17 @@ from __future__ import annotations
 import gzip
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from proxy.memory.records import MessageRow
 from proxy.upstreams.sse import EventSplitter, InvalidSSE
 from tests.conftest import MakeClient, MakeProxy
-from tests.fakes.servers import run_server
+from tests.fakes.servers import RunningServer, run_server
 from tests.fakes.upstream import FakeUpstream, Reply
+from tests.memory_helpers import st_body, transcript_of, wait_until
 
 ST_BODY = {
     "messages": [
@@ -303,3 +306,154 @@ def test_compressed_upstream_answers_are_relayed_decoded(make_proxy: MakeProxy) 
     assert "content-encoding" not in passed.headers
     assert passed.json()["data"] == [{"id": "zipped"}]
     assert [m["id"] for m in models.json()["data"]] == ["zipped"]
+
+
+# -- odd and broken upstream replies: relayed as sent, memory reads what it can ----------
+
+
+def _delta(delta: object) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta}]}).encode() + b"\n\n"
+
+
+def _memory_proxy(make_proxy: MakeProxy, upstream: FakeUpstream, tmp_path: Path) -> RunningServer:
+    memory = {"enabled": True, "database": str(tmp_path / "memory.db")}
+    embeddings = {"backend": "upstream", "upstream": "local", "model": "fake-model"}
+    return make_proxy({"local": upstream}, memory=memory, embeddings=embeddings)
+
+
+def _ask(proxy: RunningServer, scope: str, *, stream: bool) -> httpx.Response:
+    body = st_body([("user", f"Speak, {scope}.")], stream=stream)
+    return httpx.post(
+        f"{proxy.url}/v1/chat/completions", json=body, headers={"X-Memory-Scope": scope}
+    )
+
+
+def _reply_of(tmp_path: Path, scope: str) -> MessageRow | None:
+    """The stored assistant reply of the scope's last turn, waiting a little for it."""
+
+    def stored() -> bool:
+        return any(r.content == f"Speak, {scope}." for r in transcript_of(db, scope))
+
+    db = tmp_path / "memory.db"
+    wait_until(stored, what="the turn to be stored")
+    rows = transcript_of(db, scope)
+    last_user = max(i for i, r in enumerate(rows) if r.role == "user")
+    replies = [r for r in rows[last_user + 1 :] if r.role == "assistant"]
+    return replies[-1] if replies else None
+
+
+ODD_CHUNKS = [
+    _delta("oops"),  # a delta that is a string
+    _delta({"tool_calls": [{"index": 0, "id": "c1", "function": "f(x)"}]}),
+    _delta({"tool_calls": [{"index": {"n": 1}, "function": {"name": "g"}}]}),
+    _delta({"tool_calls": "xyz"}),
+    b'data: {"choices": 5}\n\n',
+]
+
+
+def test_odd_stream_chunks_are_relayed_as_sent_and_memory_skips_them(
+    upstream: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    stream = _delta({"role": "assistant", "content": "Hello"}), *ODD_CHUNKS
+    stream += (_delta({"content": " there."}), b"data: [DONE]\n\n")
+    upstream.enqueue(Reply(raw=list(stream)))
+    proxy = _memory_proxy(make_proxy, upstream, tmp_path)
+    response = _ask(proxy, "odd", stream=True)
+    assert response.text == b"".join(stream).decode()  # every byte, ending with [DONE]
+    reply = _reply_of(tmp_path, "odd")
+    assert reply is not None and reply.state == "active"
+    assert reply.content == "Hello there." and "tool_calls" not in reply.raw
+
+
+@pytest.mark.parametrize(
+    ("body", "stored"),
+    [
+        ({"choices": [{"index": 0, "message": "hello"}]}, None),
+        ({"choices": 5}, None),
+        ({"choices": [{"index": 0, "message": {"content": "Hi.", "tool_calls": "xyz"}}]}, "Hi."),
+    ],
+)
+def test_odd_whole_replies_pass_through_and_memory_skips_what_it_cannot_read(
+    upstream: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path, body: dict, stored: str | None
+) -> None:
+    raw = json.dumps(body).encode()
+    upstream.enqueue(Reply(raw=[raw]))
+    proxy = _memory_proxy(make_proxy, upstream, tmp_path)
+    response = _ask(proxy, "whole", stream=False)
+    assert response.status_code == 200 and response.content == raw
+    reply = _reply_of(tmp_path, "whole")
+    if stored is None:
+        assert reply is None
+    else:
+        assert reply is not None and reply.content == stored and "tool_calls" not in reply.raw
+
+
+def test_an_error_event_in_the_stream_stores_the_reply_as_partial(
+    upstream: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    error = b'data: {"error": {"message": "context overflow"}}\n\n'
+    upstream.enqueue(Reply(raw=[_delta({"role": "assistant", "content": "start"}), error]))
+    proxy = _memory_proxy(make_proxy, upstream, tmp_path)
+    response = _ask(proxy, "overflow", stream=True)
+    assert response.text.endswith(error.decode() + "data: [DONE]\n\n")
+    reply = _reply_of(tmp_path, "overflow")
+    assert reply is not None and (reply.content, reply.state) == ("start", "partial")
+
+
+GOOD = _delta({"role": "assistant", "content": "Before bad."})
+
+
+@pytest.mark.parametrize("reads", [1, 2])
+@pytest.mark.parametrize(
+    ("bad", "memory"),
+    [
+        (b"data: {not json\n\n", True),  # only a relay that reads the events sees this
+        (b"%%% not server-sent events %%%\n\n", True),
+        (b"%%% not server-sent events %%%\n\n", False),
+    ],
+)
+def test_good_events_before_a_bad_one_are_relayed_however_the_reads_split(
+    upstream: FakeUpstream,
+    make_proxy: MakeProxy,
+    tmp_path: Path,
+    bad: bytes,
+    memory: bool,
+    reads: int,
+) -> None:
+    pieces = [GOOD + bad] if reads == 1 else [GOOD, bad]
+    upstream.enqueue(Reply(raw=pieces, delay_between=0.2))
+    if memory:
+        proxy = _memory_proxy(make_proxy, upstream, tmp_path)
+    else:
+        proxy = make_proxy({"local": upstream})
+    events = [e for e in _ask(proxy, "bad", stream=True).text.split("\n\n") if e]
+    assert events[0] + "\n\n" == GOOD.decode()
+    assert "invalid stream" in json.loads(events[1][len("data: ") :])["error"]["message"]
+    assert events[2:] == ["data: [DONE]"]
+    if memory:
+        reply = _reply_of(tmp_path, "bad")
+        assert reply is not None and (reply.content, reply.state) == ("Before bad.", "partial")
+
+
+@pytest.mark.parametrize(
+    ("bad", "modes"),
+    [
+        (b"data: {not json\n\n", (True,)),  # seen only where the data is parsed
+        (b"%%% not sse\n\n", (True, False)),
+        (b"data: " + b"x" * 2 * len(CHUNK), (True, False)),  # an event past the limit
+    ],
+)
+def test_splitter_gives_the_events_before_a_bad_one_with_the_fault(
+    bad: bytes, modes: tuple[bool, ...]
+) -> None:
+    for pieces in _splits(CHUNK + b"\n\n" + bad):
+        for parse in modes:
+            splitter, got = EventSplitter(max_event_bytes=len(CHUNK) + 2), b""
+            with pytest.raises(InvalidSSE) as fault:
+                for piece in pieces:
+                    if parse:
+                        got += b"".join(e.raw for e in splitter.feed(piece))
+                    else:
+                        got += splitter.feed_bytes(piece)
+            got += b"".join(e.raw for e in fault.value.before)
+            assert got == CHUNK + b"\n\n", (pieces, parse)

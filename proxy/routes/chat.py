@@ -108,7 +108,7 @@ class ChatCompletions:
             async def record_whole() -> None:
                 nonlocal recorded
                 recorded = True
-                await plan.record(reply, partial=False)
+                await plan.record(reply, partial=reply.failed)  # an error event cut it short
 
             try:
                 result = await relay_sse(
@@ -145,13 +145,17 @@ class ChatCompletions:
         except UpstreamError as exc:  # the body broke off or stalled
             await send_error(send, exc, plan.headers)
             return
-        reply = ReplyAccumulator()
         try:
-            reply.add_completion(json.loads(content))
+            parsed = json.loads(content)
         except (ValueError, RecursionError):
             error = UpstreamError(f"upstream {upstream.name!r} sent a reply that is not JSON")
             await send_error(send, error, plan.headers)
             return
+        reply = ReplyAccumulator()
+        try:
+            reply.add_completion(parsed)
+        except Exception:  # reading for memory never costs the client its reply
+            log.exception("could not read the reply of upstream %r", upstream.name)
         await plan.record(reply, partial=False)
         await send_bytes(
             send,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +25,8 @@ from proxy.upstreams.registry import Upstream
 from proxy.upstreams.sse import DONE, Event, EventSplitter, InvalidSSE
 
 T = TypeVar("T")
+
+log = logging.getLogger("mnemoproxy.relay")
 
 # Upstream response headers that describe the upstream connection, not the content.
 _HOP_HEADERS = frozenset(
@@ -70,10 +73,11 @@ async def relay_sse(
     """Relay an SSE chat stream event by event; the caller closes `response`.
 
     The complete events of each upstream read go to the client at once, in one send.
-    `on_chunk` gets each event's parsed JSON data; without it nothing is parsed (the
-    lines are still checked). Invalid SSE or a broken upstream becomes one
-    `data: {"error": ...}` event and `[DONE]`; the upstream's own `[DONE]` is replaced
-    by ours, sent once at the end. `before_done` runs after the upstream's last event
+    `on_chunk` gets each event's parsed JSON data (should it raise, the event goes on
+    all the same); without it nothing is parsed (the lines are still checked). Invalid
+    SSE or a broken upstream becomes one `data: {"error": ...}` event and `[DONE]`,
+    after the good events before it; the upstream's own `[DONE]` is replaced by ours,
+    sent once at the end. `before_done` runs after the upstream's last event
     and before `[DONE]` reaches the client (the memory write, so a client that saw
     `[DONE]` knows its turn is stored).
     """
@@ -101,6 +105,9 @@ async def relay_sse(
             result.error = UpstreamError(
                 f"upstream {upstream.name!r} sent an invalid stream: {exc}"
             )
+            data = _handled(exc.before, on_chunk)  # the good events of the same read
+            if data:
+                await _body(send, data)
         except UpstreamError as exc:  # the transport failed; the response named it
             result.error = exc
         if result.error is not None:
@@ -126,7 +133,10 @@ def _handled(events: list[Event], on_chunk: Callable[[Any], None] | None) -> byt
     if on_chunk is not None:
         for event in kept:
             if event.data is not None:
-                on_chunk(event.data)
+                try:
+                    on_chunk(event.data)
+                except Exception:  # reading for memory never costs the client its reply
+                    log.exception("could not read a streamed event: %.120r", event.raw)
     return b"".join(e.raw for e in kept)
 
 

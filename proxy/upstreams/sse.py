@@ -16,7 +16,15 @@ DONE = b"data: [DONE]\n\n"
 
 
 class InvalidSSE(Exception):
-    """The upstream sent something that is not an OpenAI-style SSE stream."""
+    """The upstream sent something that is not an OpenAI-style SSE stream.
+
+    `before` holds the events that were complete before the fault in the same feed:
+    good ones, which the relay still passes on before it reports the fault.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.before: list[Event] = []
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,15 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Add bytes; return the events completed by them (raises InvalidSSE)."""
-        return [parse_event(block) for block in self._complete_blocks(self._take(chunk))]
+        events: list[Event] = []
+        try:
+            for block in self._complete_blocks(self._take(chunk)):
+                events.append(parse_event(block))
+            self._check_size()
+        except InvalidSSE as exc:
+            exc.before = events
+            raise
+        return events
 
     def feed_bytes(self, chunk: bytes) -> bytes:
         """Add bytes; return the complete events among them as bytes, `[DONE]` left out.
@@ -60,6 +76,7 @@ class EventSplitter:
         """
         complete = self._take(chunk)
         if not complete:
+            self._check_size()
             return b""
         events = complete
         if events.endswith(DONE) and (events == DONE or events.endswith(b"\n\n" + DONE)):
@@ -69,14 +86,20 @@ class EventSplitter:
             and b"[DONE]" not in events
             and b"\n\n\n" not in events
             and not events.startswith(b"\n")
+            and len(self._buffer) <= self._max
         ):
             return events  # the usual case: well-formed events, nothing (else) to drop
-        kept = []
-        for block in self._complete_blocks(complete):
-            event = parse_event(block, parse_data=False)
-            if not event.done:
-                kept.append(event.raw)
-        return b"".join(kept)
+        kept: list[Event] = []
+        try:
+            for block in self._complete_blocks(complete):
+                event = parse_event(block, parse_data=False)
+                if not event.done:
+                    kept.append(event)
+            self._check_size()
+        except InvalidSSE as exc:
+            exc.before = kept
+            raise
+        return b"".join(e.raw for e in kept)
 
     def finish(self, *, parse_data: bool = True) -> list[Event]:
         """Events left at the end of the stream (a last event without its blank line)."""
@@ -87,7 +110,7 @@ class EventSplitter:
 
     def _take(self, chunk: bytes) -> bytes:
         """Add `chunk`; return the buffered bytes up to the last event's end (b"" if none)
-        and keep the rest."""
+        and keep the rest (its size is for the caller to check)."""
         buffer = self._buffer + chunk if self._buffer else chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
@@ -96,9 +119,13 @@ class EventSplitter:
             complete, self._buffer = b"", buffer
         else:
             complete, self._buffer = buffer[: end + 2], buffer[end + 2 :]
+        return complete
+
+    def _check_size(self) -> None:
+        """Raise InvalidSSE if the unfinished event is over the limit (checked after the
+        complete events before it are taken, so that those still go on)."""
         if len(self._buffer) > self._max:
             raise InvalidSSE(f"an SSE event exceeded {self._max} bytes without ending")
-        return complete
 
     @staticmethod
     def _complete_blocks(complete: bytes) -> list[bytes]:
@@ -136,30 +163,43 @@ def parse_event(block: bytes, *, parse_data: bool = True) -> Event:
 
 @dataclass
 class ReplyAccumulator:
-    """Builds the assistant's message from streamed chunks (first choice), for memory."""
+    """Builds the assistant's message from streamed chunks (first choice), for memory.
+
+    It reads only what has the shape it expects and leaves out the rest: an upstream's
+    odd chunk costs the memory that piece, never the relay.
+    """
 
     content: list[str] = field(default_factory=list)
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     model: str | None = None
+    failed: bool = False  # the stream carried an error event: the reply is unfinished
 
     def add_chunk(self, chunk: Any) -> None:
-        """Take one parsed `chat.completion.chunk`."""
+        """Take one parsed `chat.completion.chunk` (or an error event)."""
         if not isinstance(chunk, dict):
             return
+        if chunk.get("error") is not None:
+            self.failed = True
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        self.model = chunk.get("model") or self.model
-        for choice in chunk.get("choices") or ():
+        if isinstance(chunk.get("model"), str):
+            self.model = chunk["model"] or self.model
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
-                self.content.append(delta["content"])
-            for call in delta.get("tool_calls") or ():
-                self._add_tool_call(call)
-            if choice.get("finish_reason"):
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                if isinstance(delta.get("content"), str):
+                    self.content.append(delta["content"])
+                if isinstance(delta.get("tool_calls"), list):
+                    for call in delta["tool_calls"]:
+                        self._add_tool_call(call)
+            if choice.get("finish_reason") and isinstance(choice["finish_reason"], str):
                 self.finish_reason = choice["finish_reason"]
 
     def add_completion(self, body: Any) -> None:
@@ -167,25 +207,32 @@ class ReplyAccumulator:
         if not isinstance(body, dict):
             return
         self.usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
-        self.model = body.get("model")
-        for choice in body.get("choices") or ():
-            if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                message = choice.get("message") or {}
+        self.model = body.get("model") if isinstance(body.get("model"), str) else None
+        choices = body.get("choices")
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            message = choice.get("message")
+            if isinstance(message, dict):
                 if isinstance(message.get("content"), str):
                     self.content.append(message["content"])
-                for i, call in enumerate(message.get("tool_calls") or ()):
-                    self.tool_calls[i] = call
-                self.finish_reason = choice.get("finish_reason")
+                if isinstance(message.get("tool_calls"), list):
+                    calls = [call for call in message["tool_calls"] if isinstance(call, dict)]
+                    self.tool_calls.update(enumerate(calls))
+            finish = choice.get("finish_reason")
+            self.finish_reason = finish if isinstance(finish, str) else None
 
     def _add_tool_call(self, call: Any) -> None:
         if not isinstance(call, dict):
             return
-        slot = self.tool_calls.setdefault(
-            call.get("index", 0), {"id": None, "type": "function", "function": {}}
-        )
-        if call.get("id"):
+        index, fn = call.get("index", 0), call.get("function") or {}
+        if not isinstance(index, int) or not isinstance(fn, dict):
+            return  # unreadable: which call it continues, or what it calls
+        slot = self.tool_calls.setdefault(index, {"id": None, "type": "function", "function": {}})
+        if call.get("id") and isinstance(call["id"], str):
             slot["id"] = call["id"]
-        fn = call.get("function") or {}
         for key in ("name", "arguments"):
             if isinstance(fn.get(key), str):
                 slot["function"][key] = slot["function"].get(key, "") + fn[key]

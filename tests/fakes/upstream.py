@@ -71,6 +71,9 @@ class Reply:
     finish_reason: str | None = None  # default: "tool_calls" with tool calls, else "stop"
     extra_chunk_fields: dict[str, Any] = field(default_factory=dict)  # e.g. llama.cpp timings
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers
+    # The body as these pieces, sent as they are (one write each), instead of an answer
+    # of its own: SSE for a stream, else JSON. For upstreams that send odd things.
+    raw: list[bytes] | None = None
 
     def pieces(self) -> list[str]:
         """The content pieces as streamed; joined they equal `text` unless `chunks` is set."""
@@ -381,6 +384,15 @@ class FakeUpstream:
         if reply.status != 200:
             error = reply.error_body if reply.error_body is not None else _error(None, reply.status)
             await _send_json(send, reply.status, error, headers)
+            return
+        if reply.raw is not None:
+            kind = _SSE_HEADERS if wire.stream else [(b"content-type", b"application/json")]
+            await send(_start(200, [*kind, *headers]))
+            for index, piece in enumerate(reply.raw):
+                if index and reply.delay_between:
+                    await asyncio.sleep(reply.delay_between)
+                await _send_more(send, piece)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         generation = _Generation(reply, wire)
         if wire.stream:
