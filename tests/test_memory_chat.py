@@ -224,6 +224,29 @@ def test_continue_with_prefill_stores_the_reply_whole(
     ]
 
 
+def test_send_with_an_empty_box_after_the_greeting_is_a_new_message_not_a_continuation(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    # SillyTavern, Send with nothing typed: the chat so far (only the greeting), and
+    # the character is to speak again, in a message of its own.
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    headers = {"X-Memory-Scope": "empty-send"}
+    llama.enqueue(Reply(text="Still here, traveler?"))
+    chat(proxy, st_body([]), headers)
+    history = [("assistant", "Still here, traveler?"), ("user", "Yes. Where to?")]
+    llama.enqueue(Reply(text="North."))
+    chat(proxy, st_body(history), headers)
+    rows = transcript_of(tmp_path / "memory.db", "empty-send")
+    assert [(r.content, r.state) for r in rows] == [  # one chat, nothing glued or twice
+        (GREETING, "active"),
+        ("Still here, traveler?", "active"),
+        ("Yes. Where to?", "active"),
+        ("North.", "active"),
+    ]
+    scope = httpx.get(f"{proxy.url}/memory/scopes/empty-send").json()
+    assert scope["threads"] == 1
+
+
 def group_body(speaker: str, turns: list[dict[str, str]]) -> dict[str, Any]:
     """A SillyTavern group chat request, names in prompt "Default": each character's
     message as "Name: text", the user's bare, a nudge for the character to speak."""

@@ -138,7 +138,12 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
 def _continued(turn: Turn) -> Turn:
     """A request that ends with the assistant's own text (SillyTavern's "continue" with
     prefill, an API prefill) gets the rest of that message as its reply: the message
-    is stored whole, as the app will send it next, not as two."""
+    is stored whole, as the app will send it next, not as two.
+
+    Not so when nobody has spoken to the assistant yet: that message is the chat's
+    greeting, and SillyTavern sends the same shape when Send is pressed with an empty
+    box, asking for a new message (glued on, the reply made a greeting no request ever
+    shows again)."""
     conv = [m for m in turn.messages if is_conversation(m)]
     last, reply = (conv[-1] if conv else None), turn.reply
     if (
@@ -146,6 +151,7 @@ def _continued(turn: Turn) -> Turn:
         or reply is None
         or last is None
         or last.get("role") != "assistant"
+        or not any(m.get("role") == "user" for m in conv)
         or not isinstance(last.get("content"), str)
         or not isinstance(reply.get("content"), str)
         or last.get("tool_calls")

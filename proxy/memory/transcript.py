@@ -162,7 +162,9 @@ def align(
       between it and the run: the chat's first messages were edited, so everything
       after the greeting is undone and the body is new (as for any edit);
     - with no acceptable run it is a new chat (or an empty store): nothing undone,
-      everything not yet stored appended. An identical request sent twice (retry,
+      everything not yet stored appended; unless a stored chat holds exactly the
+      request's greeting and nothing more (a reply asked for with nothing typed):
+      then the request goes on with that chat. An identical request sent twice (retry,
       swipe) undoes the reply stored after it and stores nothing twice; a user
       message re-sent after a failed turn is matched, not stored again.
     """
@@ -185,10 +187,12 @@ def align(
     greet_unmatched = [conv[j] for j, p in enumerate(greeting) if p is None]
 
     if run is None:
+        thread = _only_greeting(greeting, stored, chains)
         return Alignment(
-            kind="new_chat",
+            kind="new_chat" if thread is None else "continuation",
             matched=tuple(greet_matched),
             new=tuple(greet_unmatched + [conv[j] for j in body]),
+            thread=thread,
         )
 
     if run.first > n_greet and _edits_after_greeting(greeting, run, chains, run.first - n_greet):
@@ -408,6 +412,23 @@ def _window_start(greeting: list[int | None], run: _Run, chains: _Chains) -> int
 def _starts_a_chat(greeting: list[int | None], run: _Run, chains: _Chains) -> bool:
     """Whether the request opens with its chat's greeting, stored apart from the run."""
     return bool(greeting) and None not in greeting and not _contiguous(greeting, run, chains)
+
+
+def _only_greeting(
+    greeting: list[int | None], stored: Sequence[StoredMessage], chains: _Chains
+) -> int | None:
+    """The chat whose stored messages are exactly this request's greeting, and nothing
+    after it, if any: the request goes on with that chat (its opening messages were the
+    character's alone: a reply asked for with nothing typed), not a new one."""
+    if not greeting or None in greeting:
+        return None
+    first = greeting[0]
+    assert first is not None
+    thread = stored[first].thread
+    if chains.first(thread) != first:
+        return None
+    chain = [first, *chains.after(first)]
+    return thread if chain == greeting else None
 
 
 def _greeting_length(messages: list[dict[str, Any]], conv: list[int]) -> int:
