@@ -7,7 +7,9 @@ at import. Environment variables are `MNEMOPROXY_<SECTION>__<KEY>`, for example
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,6 +29,9 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 
 from proxy.inject.templates import DEFAULT_TEMPLATES, Templates
 from proxy.memory.prompts import DEFAULT_PROMPTS, DESCRIPTIONS, Prompts
+
+# A host name as RFC 1123 has it: dot-separated labels of letters, digits and hyphens.
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 ENV_PREFIX = "MNEMOPROXY_"
 CONFIG_ENV = "MNEMOPROXY_CONFIG"
@@ -49,7 +54,7 @@ class ServerSettings(_Section):
         description="Address to listen on. 127.0.0.1 keeps the proxy private to this machine; "
         "use 0.0.0.0 only together with [auth] keys.",
     )
-    port: int = Field(default=8765, ge=0, le=65535, description="Port to listen on.")
+    port: int = Field(default=8765, ge=1, le=65535, description="Port to listen on.")
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024,
         ge=1024,
@@ -75,6 +80,19 @@ class ServerSettings(_Section):
         description="Seconds a stop waits for replies still streaming; then they are cut, "
         "and what each had received is stored as a partial reply (within docker's 10 s).",
     )
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        value = value.strip()
+        try:
+            return str(ipaddress.ip_address(value.strip("[]")))  # "[::1]" binds as "::1"
+        except ValueError:
+            if not _HOSTNAME.fullmatch(value):
+                raise ValueError(
+                    f"host must be an IP address or a host name, got {value!r}"
+                ) from None
+        return value
 
 
 class AuthSettings(_Section):

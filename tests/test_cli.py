@@ -148,6 +148,19 @@ def test_configure_with_a_blank_key_fails_instead_of_writing_an_open_proxy(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "word"), [(["--host", "bad host!"], "host"), (["--port", "0"], "port")]
+)
+def test_configure_with_an_address_it_cannot_listen_on_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], word: str
+) -> None:
+    out = tmp_path / "c.toml"
+    assert main(["configure", *flags, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert word in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_configure_upstream_name_with_a_dot_loads_back(tmp_path: Path) -> None:
     out = tmp_path / "c.toml"
     assert (
