@@ -178,6 +178,12 @@ def test_a_repeat_is_merged_and_a_contradiction_supersedes_keeping_both_dates(
     assert old.at == paris.at < berlin.at  # when it was said...
     assert old.meta["superseded_at"] == berlin.at  # ...and when it stopped being true
 
+    # The newer fact deleted by hand (it was wrong): the older one is true again.
+    url = f"{proxy.url}/memory/scopes/chat/memories/{berlin.id}"
+    assert httpx.delete(url).status_code == 204
+    [back] = memories(db, scope, "fact")
+    assert back.id == paris.id and back.superseded_by is None and "superseded_at" not in back.meta
+
 
 def test_bad_json_is_read_leniently_or_retried_once_with_the_error_shown(
     up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path

@@ -31,6 +31,7 @@ from typing import Any
 from proxy.memory import jobs, records, scope_state
 from proxy.memory.db import Connection
 from proxy.memory.embed import CachedEmbedder
+from proxy.memory.facts import restore_superseded
 from proxy.memory.rank import Weights, rank
 from proxy.memory.recall import find_candidates
 from proxy.memory.record import EMBED_JOB
@@ -363,7 +364,9 @@ def edit_memory(
 
 
 def delete_memory(conn: Connection, scope_id: int, memory_id: int) -> None:
-    """Delete a memory for good (any state)."""
+    """Delete a memory for good (any state). The facts it superseded are active again
+    (else they would stay superseded by nothing: never recalled, never editable)."""
+    restore_superseded(conn, scope_id, [memory_id], time.time())
     if not records.delete_memory(conn, scope_id, memory_id):
         raise Missing(f"no memory {memory_id} in this scope")
 
