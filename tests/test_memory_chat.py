@@ -247,6 +247,32 @@ def test_send_with_an_empty_box_after_the_greeting_is_a_new_message_not_a_contin
     assert scope["threads"] == 1
 
 
+def test_open_webuis_title_task_is_not_stored_as_a_turn_of_the_chat(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    headers = {"X-OpenWebUI-Chat-Id": "5d1c0e4a-chat", "X-OpenWebUI-User-Id": "u-1"}
+    chat_turn = [{"role": "user", "content": "Where is the lighthouse?"}]
+    llama.enqueue(Reply(text="On Vessel Rock."))
+    chat(proxy, {"model": "fake-model", "messages": chat_turn}, headers)
+    # What Open WebUI sends next, with the same headers, to name the chat.
+    task = (
+        "### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat "
+        'history.\n### Output:\nJSON format: { "title": "your concise title here" }\n'
+        "<chat_history>\nUSER: Where is the lighthouse?\nASSISTANT: On Vessel Rock.\n"
+        "</chat_history>"
+    )
+    llama.enqueue(Reply(text='{"title": "🗼 Lighthouse location"}'))
+    chat(proxy, {"model": "fake-model", "messages": [{"role": "user", "content": task}]}, headers)
+    scopes = httpx.get(f"{proxy.url}/memory/scopes").json()["scopes"]
+    [scope] = [s for s in scopes if s["name"].startswith("owui")]
+    transcript = httpx.get(f"{proxy.url}/memory/scopes/{scope['name']}/transcript").json()
+    assert [m["content"] for m in transcript["messages"]] == [
+        "Where is the lighthouse?",
+        "On Vessel Rock.",
+    ]
+
+
 def group_body(speaker: str, turns: list[dict[str, str]]) -> dict[str, Any]:
     """A SillyTavern group chat request, names in prompt "Default": each character's
     message as "Name: text", the user's bare, a nudge for the character to speak."""

@@ -52,6 +52,7 @@ from proxy.memory.speakers import move_name_prefixes, named_reply
 from proxy.memory.store import Store
 from proxy.memory.transcript import Alignment, TranscriptIndex, align
 from proxy.memory.worker import Activity, Worker
+from proxy.messages import message_text
 from proxy.metrics import Metrics
 from proxy.routes.auth import Identity
 from proxy.routes.plan import ChatPlan, UnchangedPlan
@@ -635,20 +636,33 @@ def _kept_ids(alignment: Alignment, trim: Trim) -> set[int]:
 
 def _is_utility_call(messages: list[dict[str, Any]]) -> bool:
     """An app's own utility prompt (summarize, impersonate...): an instruction in a
-    system message after the chat's last reply, with no new user message. Read memory,
-    write nothing.
+    system message after the chat's last reply, with no new user message, or one of
+    Open WebUI's tasks (`_is_app_task`). Read memory, write nothing.
 
     A system message after the user's new message is part of an ordinary turn:
     SillyTavern's post-history instructions, an author's note at depth 0, a group
     chat's "[Write the next reply only as Bob.]". A reply that a skipped request got
     (one character answering another in a group) is stored from the next request.
     """
+    if messages and _is_app_task(messages[-1]):
+        return True
     if not messages or messages[-1].get("role") not in ("system", "developer"):
         return False
     for message in reversed(messages):
         if message.get("role") not in ("system", "developer"):
             return message.get("role") != "user"
     return False  # nothing but instructions: no chat to take a turn from
+
+
+def _is_app_task(message: dict[str, Any]) -> bool:
+    """Open WebUI's background tasks (a title, tags, follow-up questions, a search
+    query for the chat): one user message that opens with "### Task:" and quotes the
+    chat in <chat_history>. Sent with the chat's own headers, they would otherwise be
+    stored as turns of the chat."""
+    if message.get("role") != "user":
+        return False
+    text = message_text(message)
+    return text.lstrip().startswith("### Task:") and "<chat_history>" in text
 
 
 def parse_now(value: str | None) -> float:
