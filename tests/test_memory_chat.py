@@ -273,6 +273,30 @@ def test_open_webuis_title_task_is_not_stored_as_a_turn_of_the_chat(
     ]
 
 
+def test_a_reply_to_instructions_alone_is_stored_once_from_the_next_turn(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    # A chat without a greeting: the character's first message is asked for with the
+    # system prompt alone, then swiped once.
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    headers = {"X-Memory-Scope": "no-greeting"}
+    prompt = [{"role": "system", "content": MAIN_PROMPT}]
+    for text in ("Hello, traveler.", "Welcome, traveler."):
+        llama.enqueue(Reply(text=text))
+        chat(proxy, {"model": "fake-model", "messages": prompt}, headers)
+    turn = [*prompt, {"role": "assistant", "content": "Welcome, traveler."}]
+    turn.append({"role": "user", "content": "Thanks."})
+    llama.enqueue(Reply(text="Sit down."))
+    chat(proxy, {"model": "fake-model", "messages": turn}, headers)
+    rows = transcript_of(tmp_path / "memory.db", "no-greeting")
+    assert [(r.content, r.state) for r in rows] == [
+        ("Welcome, traveler.", "active"),
+        ("Thanks.", "active"),
+        ("Sit down.", "active"),
+    ]
+    assert httpx.get(f"{proxy.url}/memory/scopes/no-greeting").json()["threads"] == 1
+
+
 def group_body(speaker: str, turns: list[dict[str, str]]) -> dict[str, Any]:
     """A SillyTavern group chat request, names in prompt "Default": each character's
     message as "Name: text", the user's bare, a nudge for the character to speak."""

@@ -639,6 +639,8 @@ def _is_utility_call(messages: list[dict[str, Any]]) -> bool:
     system message after the chat's last reply, with no new user message, or one of
     Open WebUI's tasks (`_is_app_task`). Read memory, write nothing.
 
+    A request of system messages only is one too.
+
     A system message after the user's new message is part of an ordinary turn:
     SillyTavern's post-history instructions, an author's note at depth 0, a group
     chat's "[Write the next reply only as Bob.]". A reply that a skipped request got
@@ -651,7 +653,10 @@ def _is_utility_call(messages: list[dict[str, Any]]) -> bool:
     for message in reversed(messages):
         if message.get("role") not in ("system", "developer"):
             return message.get("role") != "user"
-    return False  # nothing but instructions: no chat to take a turn from
+    # Nothing but instructions (the first message of a chat without a greeting, say):
+    # no turn to store; the app sends that reply back next time, and it is stored then
+    # (stored now, each swipe of it was one more chat).
+    return True
 
 
 def _is_app_task(message: dict[str, Any]) -> bool:
