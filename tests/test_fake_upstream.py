@@ -275,6 +275,18 @@ def test_raw_pieces_are_the_body_as_given_one_write_each() -> None:
         assert whole.content == b'{"choices": 5}'
 
 
+def test_raw_pieces_take_the_content_type_the_reply_names() -> None:
+    with FakeUpstream() as up:
+        up.enqueue(Reply(raw=[b'{"choices": 5}'], headers={"Content-Type": "application/json"}))
+        asked_stream = chat(up, stream=True)
+        up.enqueue(Reply(raw=[b"data: {}\n\n"], headers={"Content-Type": "text/event-stream"}))
+        asked_whole = chat(up)
+    assert asked_stream.headers.get_list("content-type") == ["application/json"]
+    assert asked_stream.content == b'{"choices": 5}'
+    assert asked_whole.headers.get_list("content-type") == ["text/event-stream"]
+    assert asked_whole.content == b"data: {}\n\n"
+
+
 def test_client_leaving_mid_stream_is_seen_at_once_while_the_fake_sleeps() -> None:
     with FakeUpstream() as up:
         up.enqueue(Reply("a b c d e f", delay_between=5.0))

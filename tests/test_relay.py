@@ -457,3 +457,76 @@ def test_splitter_gives_the_events_before_a_bad_one_with_the_fault(
                         got += splitter.feed_bytes(piece)
             got += b"".join(e.raw for e in fault.value.before)
             assert got == CHUNK + b"\n\n", (pieces, parse)
+
+
+# -- the upstream's Content-Type, not the request's `stream`, picks the relay ----------
+
+WHOLE = json.dumps(
+    {"object": "chat.completion", "choices": [{"index": 0, "message": {"content": "Whole."}}]}
+).encode()
+EVENTS = [_delta({"role": "assistant", "content": "Streamed"}), _delta({"content": " anyway."})]
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_a_whole_reply_to_a_stream_request_passes_through_and_is_stored(
+    upstream: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path, memory: bool
+) -> None:
+    upstream.enqueue(Reply(raw=[WHOLE], headers={"Content-Type": "application/json"}))
+    if memory:
+        proxy = _memory_proxy(make_proxy, upstream, tmp_path)
+    else:
+        proxy = make_proxy({"local": upstream})
+    response = _ask(proxy, "whole-to-stream", stream=True)
+    assert response.status_code == 200 and response.content == WHOLE
+    assert response.headers["content-type"] == "application/json"
+    if memory:
+        reply = _reply_of(tmp_path, "whole-to-stream")
+        assert reply is not None and (reply.content, reply.state) == ("Whole.", "active")
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_an_event_stream_to_a_whole_request_is_relayed_and_stored(
+    upstream: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path, memory: bool
+) -> None:
+    stream = [*EVENTS, b"data: [DONE]\n\n"]
+    upstream.enqueue(Reply(raw=stream, headers={"Content-Type": "text/event-stream"}))
+    if memory:
+        proxy = _memory_proxy(make_proxy, upstream, tmp_path)
+    else:
+        proxy = make_proxy({"local": upstream})
+    response = _ask(proxy, "stream-to-whole", stream=False)
+    assert response.status_code == 200 and response.content == b"".join(stream)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    if memory:
+        reply = _reply_of(tmp_path, "stream-to-whole")
+        assert reply is not None and (reply.content, reply.state) == ("Streamed anyway.", "active")
+
+
+def test_a_whole_reply_that_is_not_json_passes_through_as_sent(
+    upstream: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    upstream.enqueue(Reply(raw=[b"plain words"], headers={"Content-Type": "text/plain"}))
+    proxy = _memory_proxy(make_proxy, upstream, tmp_path)
+    response = _ask(proxy, "plain", stream=False)
+    assert (response.status_code, response.content) == (200, b"plain words")
+    assert response.headers["content-type"] == "text/plain"
+    assert _reply_of(tmp_path, "plain") is None  # the turn is kept, the reply unread
+
+
+NOT_UTF8 = b'{"choices": [{"index": 0, "%s": {"content": "caf\xe9"}}]}'
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_bytes_that_are_not_utf8_reach_the_client_unchanged(
+    upstream: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path, stream: bool
+) -> None:
+    if stream:
+        body = [b"data: " + NOT_UTF8 % b"delta" + b"\n\n", b"data: [DONE]\n\n"]
+    else:
+        body = [NOT_UTF8 % b"message"]
+    upstream.enqueue(Reply(raw=body))
+    proxy = _memory_proxy(make_proxy, upstream, tmp_path)
+    response = _ask(proxy, "latin", stream=stream)
+    assert response.status_code == 200 and response.content == b"".join(body)
+    reply = _reply_of(tmp_path, "latin")  # stored with U+FFFD for the byte it cannot read
+    assert reply is not None and (reply.content, reply.state) == ("caf\ufffd", "active")

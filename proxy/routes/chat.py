@@ -20,12 +20,18 @@ from proxy.routes.http import (
     send_error,
 )
 from proxy.routes.plan import ChatPlan, UnchangedPlan
-from proxy.routes.relay import pass_error, relay_sse, response_headers, run_until_disconnect
+from proxy.routes.relay import (
+    is_event_stream,
+    pass_error,
+    relay_sse,
+    response_headers,
+    run_until_disconnect,
+)
 from proxy.routes.state import AppState
 from proxy.routes.validation import validate_chat_body
 from proxy.upstreams.client import UpstreamResponse, upstream_headers
 from proxy.upstreams.registry import Upstream
-from proxy.upstreams.sse import ReplyAccumulator
+from proxy.upstreams.sse import ReplyAccumulator, loads_lenient
 
 log = logging.getLogger("mnemoproxy.chat")
 
@@ -98,7 +104,7 @@ class ChatCompletions:
     ) -> None:
         if response.status_code >= 400:
             await pass_error(send, receive, response, upstream, plan.headers)
-        elif body.get("stream") is True:
+        elif is_event_stream(response, body.get("stream") is True):  # what came
             if isinstance(plan, UnchangedPlan):  # records nothing: no chunk is parsed
                 await relay_sse(send, receive, response, upstream, headers=plan.headers)
                 return
@@ -137,7 +143,8 @@ class ChatCompletions:
         upstream: Upstream,
         plan: ChatPlan,
     ) -> None:
-        """A non-streamed reply: read it whole, record it, then answer."""
+        """A reply that is not an event stream: read it whole, record what memory can
+        read of it, then pass it on as it came (status, content type, bytes)."""
         try:
             content = await run_until_disconnect(receive, response.aread())
         except ClientGone:
@@ -146,11 +153,9 @@ class ChatCompletions:
             await send_error(send, exc, plan.headers)
             return
         try:
-            parsed = json.loads(content)
-        except (ValueError, RecursionError):
-            error = UpstreamError(f"upstream {upstream.name!r} sent a reply that is not JSON")
-            await send_error(send, error, plan.headers)
-            return
+            parsed = loads_lenient(content)
+        except (ValueError, RecursionError):  # not JSON: passed on, memory gets no reply
+            parsed = None
         reply = ReplyAccumulator()
         try:
             reply.add_completion(parsed)

@@ -60,6 +60,17 @@ def response_headers(upstream: UpstreamResponse, extra: Mapping[str, str]) -> di
     return headers
 
 
+def is_event_stream(response: UpstreamResponse, asked: bool) -> bool:
+    """Whether the upstream answered with server-sent events: as its Content-Type says
+    (whatever was asked for), else as the request asked (`stream`)."""
+    kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind == "text/event-stream":
+        return True
+    if kind == "application/json":
+        return False
+    return asked  # no type, or an odd one: a server that mislabels its stream
+
+
 async def relay_sse(
     send: Send,
     receive: Receive,

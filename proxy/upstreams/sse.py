@@ -156,9 +156,19 @@ def parse_event(block: bytes, *, parse_data: bool = True) -> Event:
     if not parse_data:
         return Event(raw)
     try:
-        return Event(raw, json.loads(payload))
+        return Event(raw, loads_lenient(payload))
     except (ValueError, RecursionError) as exc:
         raise InvalidSSE(f"event data is not JSON: {payload[:120]!r}") from exc
+
+
+def loads_lenient(data: bytes) -> Any:
+    """Parse JSON bytes, reading any that are not UTF-8 as U+FFFD (memory stores the
+    text so; the client still gets the bytes as they came). Raises ValueError or
+    RecursionError when it is not JSON."""
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError:  # the rare case: decoded again only then
+        return json.loads(data.decode("utf-8", "replace"))
 
 
 @dataclass

@@ -72,7 +72,8 @@ class Reply:
     extra_chunk_fields: dict[str, Any] = field(default_factory=dict)  # e.g. llama.cpp timings
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers
     # The body as these pieces, sent as they are (one write each), instead of an answer
-    # of its own: SSE for a stream, else JSON. For upstreams that send odd things.
+    # of its own: SSE for a stream, else JSON, unless `headers` names a Content-Type
+    # (an upstream that answers otherwise than asked). For upstreams that send odd things.
     raw: list[bytes] | None = None
 
     def pieces(self) -> list[str]:
@@ -386,7 +387,9 @@ class FakeUpstream:
             await _send_json(send, reply.status, error, headers)
             return
         if reply.raw is not None:
-            kind = _SSE_HEADERS if wire.stream else [(b"content-type", b"application/json")]
+            kind: list[tuple[bytes, bytes]] = []  # the reply's own Content-Type, if any
+            if not any(name == b"content-type" for name, _ in headers):
+                kind = _SSE_HEADERS if wire.stream else [(b"content-type", b"application/json")]
             await send(_start(200, [*kind, *headers]))
             for index, piece in enumerate(reply.raw):
                 if index and reply.delay_between:
