@@ -22,7 +22,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -33,7 +33,6 @@ from proxy.settings import Settings, load_settings
 DEFAULT_URL = "http://127.0.0.1:8765"
 KEY_ENV = "MNEMOPROXY_KEY"
 URL_ENV = "MNEMOPROXY_URL"
-CHAT_BATCH = 250  # messages per request of import-chat (one write transaction each)
 TIMEOUT = 600.0  # an import of a large document may take minutes
 SCOPE_ARGS = ("scope", "name", "new_name")  # the arguments that name a scope
 # The X-Memory-Request-Id header's value (a uuid's hex); '.' or '..' would collapse the URL.
@@ -527,59 +526,19 @@ async def cmd_import(api: Api, args: argparse.Namespace) -> int:
 
 
 async def cmd_import_chat(api: Api, args: argparse.Namespace) -> int:
-    """`mnemoproxy import-chat SCOPE FILE.jsonl [--append]`: parsed here, sent in batches
-    (one write transaction each), with a progress bar on stderr."""
-    from proxy.memory.importers import parse_chat
-
-    try:
-        with open(args.file, "rb") as fh:
-            chat = parse_chat(fh)
-    except OSError as exc:
-        raise CliError(f"cannot read {args.file}: {exc.strerror}") from exc
-    if not chat.messages:
-        first = "; ".join(f"line {e.line}: {e.message}" for e in chat.errors[:3])
-        raise CliError(
-            f"no message could be read from {args.file}" + (f" ({first})" if first else "")
-        )
-    messages = []
-    date = chat.created
-    for m in chat.messages:
-        date = m.date if m.date is not None else date
-        messages.append({"role": m.role, "content": m.text, "name": m.name, "date": date})
-    path = _scope(args.scope)
-    bar = ProgressBar(len(messages), f"importing {Path(args.file).name}")
-    thread = None
-    stored = memories = 0
-    bar.update(0)
-    try:
-        for start in range(0, len(messages), CHAT_BATCH):
-            body = {
-                "messages": messages[start : start + CHAT_BATCH],
-                "thread": thread,
-                "append": args.append,
-                "char_name": chat.character_name,
-                "user_name": chat.user_name,
-            }
-            result = await api.call("POST", f"{path}/transcript", body=body)
-            thread = result["thread"]
-            stored += result["messages"]
-            memories += result["memories"]
-            bar.update(stored)
-    finally:
-        bar.done()
-    scope = await api.call("GET", path)
-    if scope["label"] is None and chat.character_name:
-        await api.call("PATCH", path, body={"label": chat.character_name})
-    report = {
-        "thread": thread,
-        "messages": stored,
-        "memories": memories,
-        "character_name": chat.character_name,
-        "user_name": chat.user_name,
-        "errors": [{"line": e.line, "message": e.message} for e in chat.errors],
-        "warnings": [{"line": w.line, "message": w.message} for w in chat.warnings],
-    }
-    return _print(args, report, lambda d: _show_chat_import(args.scope, d))
+    """`mnemoproxy import-chat SCOPE FILE.jsonl [--append]`: the file as it is, to the
+    API's own endpoint (`/import/sillytavern`), so that the CLI takes what the API takes
+    and its errors name the file's lines; the proxy writes it in batches."""
+    content = _read_bytes(args.file)
+    name = "stdin" if args.file == "-" else Path(args.file).name
+    print(f"importing {name} ({len(content):,} bytes)...", file=sys.stderr, flush=True)
+    data = await api.call(
+        "POST",
+        f"{_scope(args.scope)}/import/sillytavern",
+        params={"append": args.append},
+        content=content,
+    )
+    return _print(args, data, lambda d: _show_chat_import(args.scope, d))
 
 
 async def cmd_import_card(api: Api, args: argparse.Namespace) -> int:
@@ -594,29 +553,6 @@ async def cmd_import_card(api: Api, args: argparse.Namespace) -> int:
 
 
 # -- output for people -------------------------------------------------------------------------
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr (plain text, redrawn with \\r)."""
-
-    def __init__(self, total: int, label: str, stream: TextIO | None = None, width: int = 30):
-        self.total = max(total, 1)
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.width = width
-
-    def update(self, done: int) -> None:
-        """Redraw with `done` of the total."""
-        filled = self.width * done // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        percent = 100 * done // self.total
-        self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} messages {percent:3d}%")
-        self.stream.flush()
-
-    def done(self) -> None:
-        """End the line."""
-        self.stream.write("\n")
-        self.stream.flush()
 
 
 def _when(seconds: float | None) -> str:

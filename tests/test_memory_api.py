@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -739,6 +740,7 @@ def test_a_document_of_notes_only_is_not_imported_twice_unless_appended(
         ({"style": {"text": "a", "message_seq": 4}}, "message_seq"),
         ({"messages": "none"}, "messages"),
         ({"memories": [{"kind": "note", "text": "  "}]}, "memories.0.text"),
+        ({"summaries": [{"text": "a"}, {"text": "b", "state": "active"}]}, "active summaries"),
     ],
 )
 def test_bad_scope_documents_are_refused_with_400(
@@ -753,6 +755,41 @@ def test_bad_scope_documents_are_refused_with_400(
     chat = {"messages": [{"role": "user", "content": "Hi."}], "thread": 5}
     error_of(api(proxy, "POST", "/scopes/doc/transcript", json=chat), 404)  # no chat 5
     error_of(api(proxy, "GET", "/scopes/doc"), 404)
+
+
+def test_an_appended_document_whose_seqs_would_pass_the_limit_is_refused(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    hello = {"messages": [{"role": "user", "content": "Hello."}]}
+    ok(api(proxy, "POST", "/scopes/s1/transcript", json=hello))
+    far = {"messages": [{"seq": 2**53, "role": "user", "content": "far away"}]}
+    appended = api(proxy, "POST", "/scopes/s1/import", params={"append": "true"}, json=far)
+    error = error_of(appended, 400)
+    assert "past 9007199254740992" in error["message"]
+    stored = ok(api(proxy, "GET", "/scopes/s1/transcript"))["messages"]
+    assert [m["content"] for m in stored] == ["Hello."]  # nothing of it written
+    # Into an empty scope it fits, and exports to a document that imports again.
+    ok(api(proxy, "POST", "/scopes/s2/import", json=far))
+    exported = ok(api(proxy, "GET", "/scopes/s2/export"))
+    assert [m["seq"] for m in exported["messages"]] == [2**53]
+    ok(api(proxy, "POST", "/scopes/s3/import", json=exported))
+
+
+def test_concurrent_imports_into_one_scope_one_wins_the_others_are_refused(
+    up: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, up, tmp_path)
+    messages = [{"role": "user", "content": f"Line {i}."} for i in range(1, 2001)]
+    document = {"format": "mnemoproxy.scope", "version": 1, "messages": messages}
+    with ThreadPoolExecutor(6) as pool:
+        sent = [
+            pool.submit(api, proxy, "POST", "/scopes/race1/import", json=document) for _ in range(6)
+        ]
+        statuses = sorted(f.result().status_code for f in sent)
+    assert statuses == [200] + [409] * 5
+    scope = ok(api(proxy, "GET", "/scopes/race1"))
+    assert scope["messages"]["active"] == 2000 and scope["threads"] == 1
 
 
 def test_imported_settings_take_effect_and_unknown_ones_are_dropped(

@@ -7,7 +7,9 @@
   from 1), so that export, import into a new scope and export again give the same
   document apart from the scope's name. Vectors are left out (they are the embedding
   model's, and are made again after an import), as are the request log and jobs.
-  An import is checked whole before anything is written, then written in batches.
+  An import is checked whole before anything is written, then written in batches;
+  the seqs it will fill are taken by its first transaction (``begin_import``), so a
+  chat or another import writing to the scope meanwhile goes after them.
 - Chats (SillyTavern files, or messages posted in batches) go through the write path of
   live turns (``record.store_messages``), each chat into a new thread, a few hundred
   messages per write transaction so that the writer is never held for long.
@@ -38,6 +40,7 @@ from proxy.memory.transcript import message_fingerprint
 FORMAT = "mnemoproxy.scope"
 VERSION = 1
 BATCH = 250  # messages per write transaction of an import
+MAX_SEQ = 2**53  # the most a document can hold (seqs, chats): JSON-safe, as the API's MAX_ID
 
 Progress = Callable[[int, int], None]
 
@@ -143,7 +146,7 @@ def export_scope(conn: Connection, scope_id: int) -> dict[str, Any]:
 def check_document(doc: dict[str, Any]) -> None:
     """Refuse a document whose parts do not fit together (before anything is written):
     its format, duplicate seqs or refs, sources, ``superseded_by`` or the style's
-    message naming what the document does not hold."""
+    message naming what the document does not hold, more than one active summary."""
     if _get(doc, "format", FORMAT) != FORMAT or _get(doc, "version", VERSION) != VERSION:
         raise ValueError(
             f"not a {FORMAT} document of version {VERSION} "
@@ -171,6 +174,13 @@ def check_document(doc: dict[str, Any]) -> None:
         raise ValueError(
             f"style.message_seq {style['message_seq']} is not a message of the document"
         )
+    summaries = doc.get("summaries") or []
+    active = sum(_get(s, "state", "active") == "active" for s in summaries)
+    if active > 1:
+        raise ValueError(
+            f"the document has {active} active summaries; a scope has one at most "
+            "(the others are 'archived')"
+        )
 
 
 def _check_supersession(later_of: dict[int, int | None]) -> None:
@@ -194,11 +204,21 @@ class ImportPlan:
     seq_offset: int  # after the scope's last message
     thread_offset: int  # its chats after the scope's own
     fresh: bool  # the scope was empty: its dates, label and settings come from the document
+    written: dict[int, int]  # {document seq: new id} of the message written with the plan
 
 
-def begin_import(conn: Connection, scope_id: int, *, append: bool) -> ImportPlan:
-    """Check that the scope may take an import (Refused if it has messages and not
-    ``append``) and say where the document's messages go."""
+def begin_import(
+    conn: Connection, scope_id: int, doc: dict[str, Any], *, append: bool, now: float
+) -> ImportPlan:
+    """Check that the scope may take the document (Refused if it has messages and not
+    ``append``; ValueError if a seq or chat, moved after the scope's own, would pass
+    ``MAX_SEQ``), say where its messages go, and write its last message (highest seq).
+
+    That message takes the import's seqs at once: a chat or another import writing to
+    the scope while the rest is written in batches goes after them (messages are
+    appended after the scope's highest seq), and another import into the same empty
+    scope is refused.
+    """
     last_seq, last_thread, count = conn.execute(
         "SELECT coalesce(max(seq), 0), coalesce(max(thread), 0), count(*) FROM messages"
         " WHERE scope_id = ?",
@@ -214,7 +234,39 @@ def begin_import(conn: Connection, scope_id: int, *, append: bool) -> ImportPlan
     ):
         raise Refused(_not_empty("messages or memories"))
     fresh = records.scope_is_empty(conn, scope_id)
-    return ImportPlan(last_seq, last_thread + 1 if count else 0, fresh)
+    plan = ImportPlan(last_seq, last_thread + 1 if count else 0, fresh, {})
+    messages = doc.get("messages") or []
+    seqs = _seqs(messages)
+    _check_room(doc, seqs, plan)
+    if not messages:
+        return plan
+    top = max(range(len(seqs)), key=seqs.__getitem__)
+    written = restore_messages(conn, scope_id, [messages[top]], [seqs[top]], plan, now)
+    return replace(plan, written=written)
+
+
+def _check_room(doc: dict[str, Any], seqs: Sequence[int], plan: ImportPlan) -> None:
+    """Refuse a document whose seqs or chats, after the scope's own, would pass
+    ``MAX_SEQ``: stored, they would export to a document no import takes."""
+    last = max(seqs, default=0)
+    if last + plan.seq_offset > MAX_SEQ:
+        raise ValueError(
+            f"message seq {last} after the scope's last message ({plan.seq_offset}) would be "
+            f"{last + plan.seq_offset}, past {MAX_SEQ}; import into a new scope, or number "
+            "the document's messages from 1"
+        )
+    threads = [_get(m, "thread", 0) for m in doc.get("messages") or []]
+    if max(threads, default=0) + plan.thread_offset > MAX_SEQ:
+        raise ValueError(
+            f"message thread {max(threads)} after the scope's chats ({plan.thread_offset}) "
+            f"would pass {MAX_SEQ}; import into a new scope"
+        )
+    covers = [_get(s, "covers_until_seq", 0) for s in doc.get("summaries") or []]
+    if max(covers, default=0) + plan.seq_offset > MAX_SEQ:
+        raise ValueError(
+            f"summary covers_until_seq {max(covers)} after the scope's last message "
+            f"({plan.seq_offset}) would pass {MAX_SEQ}; import into a new scope"
+        )
 
 
 def restore_messages(
@@ -394,7 +446,8 @@ async def import_scope(
 
     ``doc`` has the document's shape (the route validated it); it is checked whole
     (``check_document``) before anything is written, then written ``batch`` messages
-    or memories per transaction, so that live chats are never kept waiting long.
+    or memories per transaction, so that live chats are never kept waiting long (the
+    first transaction takes the document's seqs: see ``begin_import``).
     Into an empty scope everything is restored as it was, dates and settings included.
     Otherwise (``append``, or a scope with a summary, style sample or settings of its
     own) the document's chats become new threads after the scope's own messages, and
@@ -403,14 +456,14 @@ async def import_scope(
     document's was left out for the scope's own.
     """
     check_document(doc)
-    plan = await store.write(begin_import, scope_id, append=append)
+    plan = await store.write(begin_import, scope_id, doc, append=append, now=now)
     messages = doc.get("messages") or []
-    seqs = _seqs(messages)
-    message_ids: dict[int, int] = {}
-    for start in range(0, len(messages), batch):
-        end = start + batch
+    rest = [(s, m) for s, m in zip(_seqs(messages), messages, strict=True) if s not in plan.written]
+    message_ids = dict(plan.written)
+    for start in range(0, len(rest), batch):
+        part = rest[start : start + batch]
         message_ids |= await store.write(
-            restore_messages, scope_id, messages[start:end], seqs[start:end], plan, now
+            restore_messages, scope_id, [m for _, m in part], [s for s, _ in part], plan, now
         )
     memories = doc.get("memories") or []
     refs = _refs(memories)
