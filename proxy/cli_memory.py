@@ -145,7 +145,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     scene.add_argument("--user", help="who the user is")
     scene.add_argument("--char-name", help="the character's name (overrides detection)")
     scene.add_argument("--user-name", help="the user's name (overrides detection)")
-    scene.add_argument("--clear", action="store_true", help="remove the whole scene")
+    scene.add_argument(
+        "--clear", action="store_true", help="remove the whole scene (then set the parts given)"
+    )
 
     requests = _command(sub, "requests", "the log of what was sent upstream", cmd_requests)
     requests.add_argument("scope", nargs="?", help="list this scope's requests")
@@ -440,13 +442,13 @@ async def cmd_scene(api: Api, args: argparse.Namespace) -> int:
     path = f"{_scope(args.scope)}/scene"
     keys = ("character", "location", "user", "char_name", "user_name")
     changes = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if args.clear:
+    data: Any = {}
+    if args.clear:  # with parts given too: the scene is replaced by them
         await api.call("DELETE", path)
-        data: Any = {}
-    elif changes:
+    if changes:
         body = {k: (v or None) for k, v in changes.items()}  # '' removes a part
         data = await api.call("PATCH", path, body=body)
-    else:
+    elif not args.clear:
         data = await api.call("GET", path)
     return _print(args, data, _show_scene)
 

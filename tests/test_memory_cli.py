@@ -118,6 +118,9 @@ def test_every_memory_command_against_a_running_proxy(
     assert GREETING in cli("style", "camp", "--history")
     assert "location   the docks" in cli("scene", "camp", "--location", "the docks")
     assert cli.json("scene", "camp", "--location", "") == {}
+    cli("scene", "camp", "--location", "the docks", "--user", "a sailor")
+    replaced = cli.json("scene", "camp", "--clear", "--character", "a cartographer")
+    assert replaced == {"character": "a cartographer"}  # not ignored, nor merged
 
     # request log and transcript
     listed = cli("requests", "camp")
