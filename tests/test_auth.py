@@ -7,14 +7,17 @@ Two different secrets meet here and must never cross: the proxy's own access key
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from tests.background_helpers import MemoryModel, job_kind, wait_for_jobs
 from tests.conftest import MakeClient, MakeProxy
 from tests.fakes.servers import RunningServer
 from tests.fakes.upstream import FakeUpstream, Reply
+from tests.memory_helpers import st_body
 
 PROXY_KEY = "mp-proxy-key-1111"
 UPSTREAM_KEY = "sk-upstream-secret-2222"
@@ -201,6 +204,28 @@ def test_forward_client_key_sends_the_clients_authorization(
     list(client.chat.completions.create(**CHAT, stream=True))
     client.embeddings.create(model="fake-model", input="hi")
     assert upstream_authorizations(upstream) == [f"Bearer {USER_KEY}"] * 3
+
+
+def test_background_work_uses_the_client_key_the_upstream_accepted(
+    upstream: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    # No key in the config: summaries and facts have no client to take one from.
+    model = MemoryModel(chat=lambda body: "Noted.")
+    upstream.responder = model
+    proxy = make_proxy(
+        {"local": {"base_url": upstream, "forward_client_key": True}},
+        memory={"enabled": True, "database": str(tmp_path / "memory.db")},
+        embeddings={"backend": "upstream", "upstream": "local", "model": "fake-model"},
+        background={"llm": True, "backoff_seconds": 0.05},
+    )
+    body = st_body([("user", "My sister Ana keeps a lighthouse.")])
+    headers = {"Authorization": f"Bearer {USER_KEY}", "X-Memory-Scope": "keyed"}
+    response = httpx.post(f"{proxy.url}/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 200
+    wait_for_jobs(tmp_path / "memory.db")
+    background = [r for r in upstream.chat_requests if job_kind(r.json) is not None]
+    assert background  # facts were asked for, with the key, not without one
+    assert {r.headers.get("authorization") for r in background} == {f"Bearer {USER_KEY}"}
 
 
 def test_upstream_api_key_wins_over_forward_client_key(

@@ -207,7 +207,9 @@ class MemoryModel:
 
     async def _post(self, upstream: Upstream, body: dict[str, Any]) -> tuple[int, Any]:
         content = json.dumps(body, ensure_ascii=False).encode()
-        headers = upstream_headers(upstream, {"content-type": "application/json"})
+        headers = upstream_headers(
+            upstream, {**self.pool.lent_headers(upstream), "content-type": "application/json"}
+        )
         try:
             async with self.gate.background(upstream.name):
                 try:

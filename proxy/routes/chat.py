@@ -88,6 +88,8 @@ class ChatCompletions:
                 await send_error(send, exc, plan.headers)
                 return
             state.metrics.upstream_started(route.upstream.name, time.perf_counter() - started)
+            if response.status_code < 400:  # the key works: background work may use it
+                state.pool.lend_key(route.upstream, headers)
             try:
                 await self._answer(send, receive, response, route.upstream, body, plan)
             finally:

@@ -103,6 +103,22 @@ class UpstreamPool:
 
     def __init__(self, upstreams: Mapping[str, Upstream]):
         self._sessions = {name: _session(u) for name, u in upstreams.items()}
+        # The client Authorization each `forward_client_key` upstream last accepted:
+        # background work (summaries, facts) has no client of its own to take a key
+        # from. In memory only; never written anywhere.
+        self._lent: dict[str, str] = {}
+
+    def lend_key(self, upstream: Upstream, client_headers: Mapping[str, str]) -> None:
+        """Keep the client's key that `upstream` just accepted, for `lent_headers`."""
+        key = client_headers.get("authorization")
+        if key and upstream.forward_client_key and not upstream.api_key:
+            self._lent[upstream.name] = key
+
+    def lent_headers(self, upstream: Upstream) -> dict[str, str]:
+        """Client headers for a request of our own (background work) to `upstream`:
+        the client key it last accepted, if it forwards client keys."""
+        key = self._lent.get(upstream.name)
+        return {"authorization": key} if key else {}
 
     async def aclose(self) -> None:
         """Close every session and its connections."""
