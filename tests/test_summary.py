@@ -155,6 +155,9 @@ def test_undoing_covered_messages_rolls_the_summary_back_and_rebuilds_it(
         timeout=30,
     )
     assert response.status_code == 200
+    # That very reply is not written from the story it takes back.
+    sent = prompt_of(last_user_request(up))
+    assert not any(v.text in sent for v in before)
     wait_for_jobs(db)
 
     after = {v.id: v for v in read(db, scope_state.list_summaries, scope)}

@@ -117,14 +117,9 @@ def queue_if_due(
     return jobs.enqueue(conn, SUMMARIZE_JOB, payload, scope_id, now)
 
 
-def rollback(conn: Connection, scope_id: int, undone: Sequence[int]) -> list[int]:
-    """Retract the summary versions that covered any of the `undone` messages (and
-    their archived copies); the newest earlier version becomes active again. A version
-    written by hand stays: it is the user's word, not something the messages said.
-    Returns the retracted version ids."""
-    if not undone:
-        return []
-    first = min(
+def _first_seq(conn: Connection, scope_id: int, message_ids: Sequence[int]) -> int:
+    """The least seq among the messages (a huge number when none is found)."""
+    return min(
         (
             conn.execute(
                 f"SELECT min(seq) FROM messages WHERE scope_id = ? AND id IN"
@@ -133,8 +128,43 @@ def rollback(conn: Connection, scope_id: int, undone: Sequence[int]) -> list[int
             ).fetchone()[0]
             or 1 << 62
         )
-        for chunk in chunked(undone)
+        for chunk in chunked(message_ids)
     )
+
+
+def shown_while_undoing(
+    conn: Connection, scope_id: int, undone: Sequence[int]
+) -> tuple[str | None, frozenset[int]]:
+    """What a request that takes back `undone` messages may show of the summaries: the
+    one `rollback` will leave active once the turn is stored (the newest version that
+    covers none of them, or one written by hand), and the archived versions' memories
+    that `rollback` will retract (to leave out of the recalled ones). So the reply to an
+    edit or a delete is not written from the story it takes back."""
+    first = _first_seq(conn, scope_id, undone) if undone else 1 << 62
+    row = conn.execute(
+        "SELECT text FROM summaries WHERE scope_id = ? AND state IN ('active', 'archived')"
+        " AND (covers_until_seq < ? OR json_extract(meta, '$.source') IS 'manual')"
+        " ORDER BY state = 'active' DESC, id DESC LIMIT 1",
+        (scope_id, first),
+    ).fetchone()
+    archived = conn.execute(
+        "SELECT m.id FROM memories m"
+        " JOIN summaries s ON s.id = json_extract(m.meta, '$.summary_id')"
+        " WHERE m.scope_id = ? AND m.kind = 'summary' AND m.state = 'active'"
+        " AND s.covers_until_seq >= ? AND json_extract(s.meta, '$.source') IS NOT 'manual'",
+        (scope_id, first),
+    ).fetchall()
+    return (row[0] if row else None), frozenset(r[0] for r in archived)
+
+
+def rollback(conn: Connection, scope_id: int, undone: Sequence[int]) -> list[int]:
+    """Retract the summary versions that covered any of the `undone` messages (and
+    their archived copies); the newest earlier version becomes active again. A version
+    written by hand stays: it is the user's word, not something the messages said.
+    Returns the retracted version ids."""
+    if not undone:
+        return []
+    first = _first_seq(conn, scope_id, undone)
     hit = [
         r[0]
         for r in conn.execute(

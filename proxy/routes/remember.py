@@ -11,6 +11,7 @@ is known.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -50,6 +51,7 @@ from proxy.memory.scope import (
 )
 from proxy.memory.speakers import move_name_prefixes, named_reply
 from proxy.memory.store import Store
+from proxy.memory.summary import shown_while_undoing
 from proxy.memory.transcript import Alignment, TranscriptIndex, align
 from proxy.memory.worker import Activity, Worker
 from proxy.messages import message_text
@@ -227,6 +229,14 @@ class Remember:
             )
         finally:
             context = await context_task
+        if alignment.undone and (
+            context.summary is not None or any(m.kind == "summary" for m in recalled)
+        ):
+            # This request takes messages back: the summaries it shows must not tell
+            # them (the turn's record rolls them back; this reply comes before that).
+            shown, hidden = await self.store.read(shown_while_undoing, scope.id, alignment.undone)
+            context = dataclasses.replace(context, summary=shown)
+            recalled = [m for m in recalled if m.memory_id not in hidden]
         lap("recall_ms")
 
         block, trim = self._compose(
