@@ -3,6 +3,7 @@
     .venv/bin/python bench/memory.py                        # all three parts
     .venv/bin/python bench/memory.py --sizes 10000 --requests 100 --skip-tokens
     .venv/bin/python bench/memory.py --floor --skip-tokens --skip-embedding
+    .venv/bin/python bench/memory.py --write --sizes 10000 --skip-tokens --skip-embedding
     git worktree add /tmp/before HEAD~3
     .venv/bin/python bench/memory.py --compare /tmp/before --skip-tokens --skip-embedding
 
@@ -11,6 +12,8 @@
     (10k and 100k by default). The requests are SillyTavern-shaped (system prompts, a
     greeting, 20 turns of history), each with a new last user message, so every one
     pays a real query embedding; `X-Memory-Write: off` keeps the scope at N. With
+    `--write` each turn is stored instead, as in a chat (the scope grows by two
+    memories a request, and the next request finds the scope's vectors changed). With
     `--floor`, two more proxies are timed in the same rounds: memory with recall off
     (no query embedding, no search) and memory off; their added times are what a
     request costs besides recall. Each line also shows the p50 of the memory layer's
@@ -58,6 +61,10 @@ from proxy.memory.record import new_message, store_messages  # noqa: E402
 from proxy.memory.store import Store  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+# The fake upstream's reply (tests/fakes/upstream.py's default text), as the app shows it.
+FAKE_REPLY = "Hello from the fake upstream."
+# Seconds after each round of --write for the background embedding of the turn.
+WRITE_GAP = 0.3
 MODEL_ID = "all-MiniLM-L6-v2"
 
 
@@ -356,8 +363,13 @@ def measure_overhead(
     requests: int,
     pause: float = 0.0,
     variants: Sequence[Variant] = (MEMORY,),
+    write: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Added time to first byte of each variant, by variant name.
+
+    With `write`, every request's turn is stored, as in a chat: the history grows by
+    each question and its reply, and each round ends with `WRITE_GAP` seconds for the
+    background embedding of the turn (a user takes longer to write the next message).
 
     Every round sends the same new question to each variant in a shuffled order, each
     paired with the same request sent straight to the upstream just before, so that
@@ -381,7 +393,14 @@ def measure_overhead(
         "bridge",
         "winter",
     ]
-    headers = {"X-Memory-Scope": "bench", "X-Memory-Write": "off"}
+    headers = (
+        {"X-Memory-Scope": "bench"}
+        if write
+        else {
+            "X-Memory-Scope": "bench",
+            "X-Memory-Write": "off",
+        }
+    )
     with contextlib.ExitStack() as stack:
         urls = {}
         for i, variant in enumerate(variants):
@@ -424,6 +443,9 @@ def measure_overhead(
                     ).json()
                     for step, ms in entry.get("detail", entry).get("timings", {}).items():
                         steps[name].setdefault(step, []).append(ms)
+        if write:  # the app shows the reply, the user reads it and writes the next one
+            history += [("user", question), ("assistant", FAKE_REPLY)]
+            time.sleep(WRITE_GAP)
     ms = 1000.0
     out: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -548,6 +570,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "shares the CPU with the recording of the one before)",
     )
     parser.add_argument(
+        "--write",
+        action="store_true",
+        help="(a) stores every request's turn, as a chat does (the history grows; the turn "
+        f"is embedded in the {WRITE_GAP} s after each round), instead of X-Memory-Write: off",
+    )
+    parser.add_argument(
         "--floor",
         action="store_true",
         help="(a) also times, interleaved, the memory layer with recall off and the proxy "
@@ -578,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 variants.append(Variant(f"memory ({root.name})", {}, root))
             before = cpu_times()
             results["overhead"][size] = measure_overhead(
-                upstream, db, args.backend, args.requests, args.pause, variants
+                upstream, db, args.backend, args.requests, args.pause, variants, args.write
             )
             stolen = steal_fraction(before, cpu_times())
             for r in results["overhead"][size].values():

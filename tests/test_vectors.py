@@ -424,6 +424,29 @@ def test_readers_of_one_database_share_the_vector_cache(tmp_path: Path) -> None:
             conn.close()
 
 
+def _cached(conn: Connection, scope_id: int) -> tuple[object, object]:
+    """The readers' cache entry of a scope (its pack signature and positions), and the
+    scope's packs as they are now."""
+    entry = vectors._cache_of(conn).get(scope_id)
+    packs = tuple((p[0], p[1]) for p in vectors._packs(conn, scope_id))
+    return (entry.signature, entry._positions is not None) if entry else None, packs
+
+
+def test_warming_caches_a_scopes_current_vectors_for_the_next_search(store: Store) -> None:
+    # After a write, the next search would rebuild the scope's entry while a user waits.
+    scope = _scope(store, "chat")
+    _add(store, scope, [f"turn {i}" for i in range(10)])
+    store.read_sync(vectors.knn, scope, fake_vec("turn 3"), 3)
+    _add(store, scope, ["one more turn"])
+    entry, packs = store.read_sync(_cached, scope)
+    assert entry is not None and entry[0] != packs  # stale: the packs changed
+    store.read_sync(vectors.warm, [scope])
+    for _ in range(3):  # whichever reader thread answers
+        entry, packs = store.read_sync(_cached, scope)
+        assert entry == (packs, True)
+    store.read_sync(vectors.warm, [scope + 1])  # a scope without vectors: nothing to do
+
+
 def test_cached_vectors_stay_true_across_writes_in_chunks(
     store: Store, monkeypatch: pytest.MonkeyPatch, tolerance: float
 ) -> None:

@@ -405,6 +405,21 @@ class QuerySearch:
         return out
 
 
+def warm(conn: Connection, scope_ids: Iterable[int]) -> None:
+    """Bring the scopes' packed entries, vectors and positions into the readers' cache
+    now, off any request's path: a write (the background embedding of a turn) changes
+    a scope's packs, and the next search would rebuild its entry while a user waits
+    (~2.5 ms a request at 10k memories when every turn is stored, bench/memory.py
+    --write)."""
+    model = embedding_model(conn)
+    if model is None:
+        return
+    for scope_id in scope_ids:
+        loaded = QuerySearch(conn, scope_id, np.zeros(model[1], dtype=np.float32)).loaded
+        if loaded is not None:
+            loaded.positions()
+
+
 def _nearest(distances: np.ndarray, wanted: int, stale_distance: int) -> np.ndarray:
     """The `wanted` entries of least distance (fewer if fewer are live), in entry order.
 

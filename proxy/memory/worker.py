@@ -216,9 +216,13 @@ class Worker:
             await self.store.write(_fail_jobs, claimed, exc, now)
             raise
         pairs = [(item.id, matrix[i]) for i, item in enumerate(batch)]
-        await self.store.write(
+        scopes = await self.store.write(
             _store_and_finish, self.embedder.model_id, pairs, [job.id for job in claimed], now
         )
+        try:  # the next request's search then finds the scope's new vectors cached
+            await self.store.read(vectors.warm, scopes)
+        except Exception:  # only a cache: the search builds it itself if need be
+            log.debug("could not warm the vector cache of scopes %s", scopes, exc_info=True)
         return len(batch)
 
     # -- the llm lane --------------------------------------------------------------
@@ -301,10 +305,22 @@ def _next_due(conn: Connection, kinds: list[str]) -> float | None:
 
 def _store_and_finish(
     conn: Connection, model_id: str, pairs: list[tuple[int, Any]], job_ids: list[int], now: float
-) -> None:
+) -> list[int]:
+    """Store the vectors, finish the jobs; the scopes whose vectors changed."""
     vectors.store_vectors(conn, model_id, pairs)
     for job_id in job_ids:
         jobs.finish(conn, job_id, now)
+    ids = [memory_id for memory_id, _ in pairs]
+    scopes: set[int] = set()
+    for chunk in chunked(ids):
+        scopes.update(
+            r[0]
+            for r in conn.execute(
+                f"SELECT DISTINCT scope_id FROM memories WHERE id IN ({placeholders(chunk)})",
+                chunk,
+            )
+        )
+    return sorted(scopes)
 
 
 def _fail_jobs(conn: Connection, claimed: list[jobs.Job], exc: Exception, now: float) -> None:
