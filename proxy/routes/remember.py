@@ -427,17 +427,7 @@ class Remember:
         still = [m for m in recalled if not (m.source_ids and shown.issuperset(m.source_ids))]
         shown_style = sample_to_show(style, context.style_message_id, shown | hidden)
         if len(still) != len(recalled) or shown_style != style:
-            inp = BlockInput(
-                summary=inp.summary,
-                memories=still,
-                style_sample=shown_style,
-                style_speaker=inp.style_speaker,
-                notes=inp.notes,
-                scene=inp.scene,
-                char=inp.char,
-                user=inp.user,
-                group=inp.group,
-            )
+            inp = dataclasses.replace(inp, memories=still, style_sample=shown_style)
             block = build_block(inp, counter, self.templates, caps)
         return block if block.text else EMPTY_BLOCK, wider
 
