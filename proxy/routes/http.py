@@ -22,7 +22,10 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """Read the whole request body, refusing more than `limit` bytes with a 413."""
     declared = request_headers(scope).get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+        raise PayloadTooLarge(
+            f"request body of {declared} bytes exceeds the {limit}-byte limit"
+            " ([server] max_body_bytes)"
+        )
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -32,7 +35,9 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+            raise PayloadTooLarge(
+                f"request body exceeds the {limit}-byte limit ([server] max_body_bytes)"
+            )
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

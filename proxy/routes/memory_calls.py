@@ -254,13 +254,18 @@ def _json(raw: bytes) -> Any:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+        raise PayloadTooLarge(
+            f"request body of {declared} bytes exceeds the {limit}-byte limit"
+            " ([server] max_body_bytes)"
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+            raise PayloadTooLarge(
+                f"request body exceeds the {limit}-byte limit ([server] max_body_bytes)"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
