@@ -231,7 +231,9 @@ def test_send_with_an_empty_box_after_the_greeting_is_a_new_message_not_a_contin
     # the character is to speak again, in a message of its own.
     proxy = memory_proxy(make_proxy, llama, tmp_path)
     headers = {"X-Memory-Scope": "empty-send"}
-    llama.enqueue(Reply(text="Still here, traveler?"))
+    llama.enqueue(Reply(text="Are you lost?"))
+    chat(proxy, st_body([]), headers)
+    llama.enqueue(Reply(text="Still here, traveler?"))  # swiped: the same request again
     chat(proxy, st_body([]), headers)
     history = [("assistant", "Still here, traveler?"), ("user", "Yes. Where to?")]
     llama.enqueue(Reply(text="North."))
@@ -239,6 +241,7 @@ def test_send_with_an_empty_box_after_the_greeting_is_a_new_message_not_a_contin
     rows = transcript_of(tmp_path / "memory.db", "empty-send")
     assert [(r.content, r.state) for r in rows] == [  # one chat, nothing glued or twice
         (GREETING, "active"),
+        ("Are you lost?", "undone"),
         ("Still here, traveler?", "active"),
         ("Yes. Where to?", "active"),
         ("North.", "active"),

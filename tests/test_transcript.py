@@ -547,3 +547,23 @@ def test_a_new_chat_with_the_same_greeting_undoes_nothing() -> None:
     result = store.receive(messages, reply="*Seraphina waves.*")
     assert result.kind == "new_chat" and result.undone == ()
     assert store.texts()[: len(before)] == before
+
+
+# -- a chat nobody has spoken in yet -----------------------------------------------
+
+
+def test_replies_asked_for_after_the_greeting_stay_in_its_chat_and_swipe() -> None:
+    # SillyTavern, Send with nothing typed: the greeting alone, the character speaks.
+    store = Store()
+    store.receive(st_request([]), reply="Are you lost?")
+    swipe = store.receive(st_request([]), reply="Still here?")
+    assert swipe.kind == "regenerate" and store.retracted == ["Are you lost?"]
+    again = store.receive(st_request([("assistant", "Still here?")]), reply="Hello?")
+    assert again.kind == "continuation"
+    typed = [("assistant", "Still here?"), ("assistant", "Hello?"), ("user", "Yes.")]
+    store.receive(st_request(typed), reply="Good.")
+    assert store.texts() == [GREETING, "Still here?", "Hello?", "Yes.", "Good."]
+    assert {r[4] for r in store.rows} == {1}  # one chat
+    # The same greeting once someone has spoken in that chat opens another chat.
+    other = store.receive(st_request([]), reply="Welcome back.")
+    assert other.kind == "new_chat" and other.undone == ()

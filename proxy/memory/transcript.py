@@ -162,9 +162,10 @@ def align(
       between it and the run: the chat's first messages were edited, so everything
       after the greeting is undone and the body is new (as for any edit);
     - with no acceptable run it is a new chat (or an empty store): nothing undone,
-      everything not yet stored appended; unless a stored chat holds exactly the
-      request's greeting and nothing more (a reply asked for with nothing typed):
-      then the request goes on with that chat. An identical request sent twice (retry,
+      everything not yet stored appended; unless the request's greeting opens a
+      stored chat that nobody has spoken in yet (replies asked for with nothing
+      typed): then the request goes on with that chat, undoing the replies after the
+      greeting it does not show (a swipe). An identical request sent twice (retry,
       swipe) undoes the reply stored after it and stores nothing twice; a user
       message re-sent after a failed turn is matched, not stored again.
     """
@@ -187,11 +188,18 @@ def align(
     greet_unmatched = [conv[j] for j, p in enumerate(greeting) if p is None]
 
     if run is None:
-        thread = _only_greeting(greeting, stored, chains)
+        new = tuple(greet_unmatched + [conv[j] for j in body])
+        found = _greeting_chat(greeting, stored, chains, max_blind_undo)
+        if found is None:
+            return Alignment(kind="new_chat", matched=tuple(greet_matched), new=new)
+        thread, after = found
+        undone = tuple(stored[p].id for p in after)
         return Alignment(
-            kind="new_chat" if thread is None else "continuation",
+            kind=("diverged" if new else "regenerate") if undone else "continuation",
             matched=tuple(greet_matched),
-            new=tuple(greet_unmatched + [conv[j] for j in body]),
+            undone=undone,
+            new=new,
+            reuses=_reuses(new, conv, fps, [stored[p] for p in after]),
             thread=thread,
         )
 
@@ -414,21 +422,31 @@ def _starts_a_chat(greeting: list[int | None], run: _Run, chains: _Chains) -> bo
     return bool(greeting) and None not in greeting and not _contiguous(greeting, run, chains)
 
 
-def _only_greeting(
-    greeting: list[int | None], stored: Sequence[StoredMessage], chains: _Chains
-) -> int | None:
-    """The chat whose stored messages are exactly this request's greeting, and nothing
-    after it, if any: the request goes on with that chat (its opening messages were the
-    character's alone: a reply asked for with nothing typed), not a new one."""
+def _greeting_chat(
+    greeting: list[int | None],
+    stored: Sequence[StoredMessage],
+    chains: _Chains,
+    max_blind_undo: int,
+) -> tuple[int, list[int]] | None:
+    """The chat that this request's greeting opens and that nobody has spoken in yet,
+    if any: (its thread, its stored positions after the greeting, to undo).
+
+    Its messages after the greeting are the character's alone: replies asked for with
+    nothing typed. A request that shows them goes on with that chat; one that shows
+    fewer swiped them (at most `max_blind_undo`, on the greeting's word alone). A chat
+    with a user message in it is another chat: the request is a new one."""
     if not greeting or None in greeting:
         return None
     first = greeting[0]
     assert first is not None
     thread = stored[first].thread
-    if chains.first(thread) != first:
-        return None
     chain = [first, *chains.after(first)]
-    return thread if chain == greeting else None
+    if chains.first(thread) != first or chain[: len(greeting)] != greeting:
+        return None
+    after = chain[len(greeting) :]
+    if any(stored[p].role != "assistant" for p in after) or len(after) > max_blind_undo:
+        return None
+    return thread, after
 
 
 def _greeting_length(messages: list[dict[str, Any]], conv: list[int]) -> int:
