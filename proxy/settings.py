@@ -30,8 +30,9 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 from proxy.inject.templates import DEFAULT_TEMPLATES, Templates
 from proxy.memory.prompts import DEFAULT_PROMPTS, DESCRIPTIONS, Prompts
 
-# A host name as RFC 1123 has it: dot-separated labels of letters, digits and hyphens.
-_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+# A host name: dot-separated labels of letters, digits and hyphens (RFC 1123), and the
+# underscores that container names (Docker's DNS) may have.
+_HOSTNAME = re.compile(r"(?!-)[\w-]{1,63}(?<!-)(\.(?!-)[\w-]{1,63}(?<!-))*\.?", re.ASCII)
 
 ENV_PREFIX = "MNEMOPROXY_"
 CONFIG_ENV = "MNEMOPROXY_CONFIG"

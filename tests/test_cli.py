@@ -161,6 +161,13 @@ def test_configure_with_an_address_it_cannot_listen_on_fails(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("host", ["[::1]", "fe80::1%eth0", "my_container", "proxy.lan"])
+def test_configure_takes_any_address_or_host_name(tmp_path: Path, host: str) -> None:
+    out = tmp_path / "c.toml"
+    assert main(["configure", "--host", host, "-o", str(out)]) == 0
+    assert load_settings(out).server.host == host.strip("[]")
+
+
 def test_configure_upstream_name_with_a_dot_loads_back(tmp_path: Path) -> None:
     out = tmp_path / "c.toml"
     assert (
