@@ -136,11 +136,21 @@ def database_path(settings: Settings) -> Path:
     return Path(platformdirs.user_data_dir("mnemoproxy", appauthor=False)) / "memory.db"
 
 
+# Seconds before the upstream embedding backend is tried again after a failed start,
+# doubling up to the second figure.
+START_RETRY_S = 1.0
+START_RETRY_MAX_S = 60.0
+
+
 def build_embedder(
-    settings: Settings, router: Router, stack: contextlib.AsyncExitStack | None = None
+    settings: Settings,
+    router: Router,
+    stack: contextlib.AsyncExitStack | None = None,
+    pool: UpstreamPool | None = None,
 ) -> Embedder:
     """The embedder that `[embeddings]` asks for (not started); `stack` closes its HTTP
-    client, if it has one."""
+    client, if it has one; `pool` lends it the client key its upstream accepted, if
+    that upstream forwards client keys."""
     cfg = settings.embeddings
     model = cfg.model or None
     if cfg.backend == "onnx":
@@ -150,12 +160,20 @@ def build_embedder(
         client = httpx.AsyncClient(timeout=upstream.read_timeout, trust_env=False)
         if stack is not None:
             stack.push_async_callback(client.aclose)
+        lent = None
+        if pool is not None and upstream.forward_client_key:
+            lender = pool
+
+            def lent() -> str | None:
+                return lender.lent_headers(upstream).get("authorization")
+
         return UpstreamEmbedder(
             upstream.base_url,
             upstream.api_key,
             cfg.model or "text-embedding-3-small",
             client,
             batch_size=cfg.batch_size,
+            lent_key=lent,
         )
     cache = Path(platformdirs.user_cache_dir("mnemoproxy", appauthor=False)) / "query-models"
     return LocalEmbedder(
@@ -183,7 +201,7 @@ async def open_memory(
     await store.start()
     stack.push_async_callback(store.close)
     embedder = CachedEmbedder(
-        build_embedder(settings, router, stack), settings.embeddings.cache_size
+        build_embedder(settings, router, stack, pool), settings.embeddings.cache_size
     )
     activity = Activity()
     background = background_config(settings)
@@ -212,12 +230,27 @@ async def open_memory(
     )
 
     async def load_model() -> None:
-        try:
-            await embedder.start()
-        except Exception as exc:
-            remember.embedder_error = f"embedding model unavailable: {exc}"
-            log.error("%s; recall falls back to keyword search", remember.embedder_error)
-            return
+        # A model server may start after the proxy, or be restarting: the upstream
+        # backend tries again, ever less often. A local model that fails to load
+        # would fail the same way again.
+        wait = START_RETRY_S
+        while True:
+            try:
+                await embedder.start()
+                break
+            except Exception as exc:
+                remember.embedder_error = f"embedding model unavailable: {exc}"
+                if settings.embeddings.backend != "upstream":
+                    log.error("%s; recall falls back to keyword search", remember.embedder_error)
+                    return
+                log.warning(
+                    "%s; recall uses keyword search, trying again in %.0f s",
+                    remember.embedder_error,
+                    wait,
+                )
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, START_RETRY_MAX_S)
+        remember.embedder_error = None
         log.info("embedding model %s ready", embedder.model_id)
         worker.embedder_ready()
 

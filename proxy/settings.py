@@ -135,8 +135,8 @@ class UpstreamSettings(_Section):
     forward_client_key: bool = Field(
         default=False,
         description="Send the client's own Authorization header upstream when no api_key is "
-        "set (not with [auth] keys). Background work (summaries, facts) uses the key of the "
-        "last request the upstream accepted, held in memory only.",
+        "set (not with [auth] keys). Background work (summaries, facts, embeddings from this "
+        "upstream) uses the key of the last request it accepted, held in memory only.",
     )
     connect_timeout: float = Field(default=5.0, gt=0, description="Seconds to connect.")
     read_timeout: float = Field(

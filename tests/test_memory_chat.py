@@ -27,6 +27,7 @@ from tests.memory_helpers import (
     transcript_of,
     wait_until,
 )
+from tests.test_cli import free_port
 
 WINDOW = 2048
 MAX_TOKENS = 256
@@ -525,6 +526,56 @@ def test_requests_pass_through_while_the_embedder_warms_up_then_recall_uses_it(
         wait_until(warmed, 30, "the embedder to start")
         stored = [r for r in embedder.requests if r.path == "/v1/embeddings"]
         assert any("Ana" in json.dumps(r.json) for r in stored)  # the turn got embedded
+
+
+def test_an_embedding_server_that_starts_after_the_proxy_is_used_once_it_is_up(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    port = free_port()  # nothing listens there yet
+    proxy = memory_proxy(
+        make_proxy,
+        llama,
+        tmp_path,
+        upstreams={"local": {"base_url": llama}, "emb": f"http://127.0.0.1:{port}/v1"},
+        embeddings={"backend": "upstream", "upstream": "emb", "model": "x"},
+        server={"default_upstream": "local"},
+    )
+    history = [("user", "Who keeps the lighthouse?")]
+    response = chat(proxy, st_body(history), {"X-Memory-Write": "off"})
+    assert "embedding model unavailable" in response.headers["x-memory-error"]
+    with FakeUpstream(port=port):
+
+        def ready() -> bool:
+            answer = chat(proxy, st_body(history), {"X-Memory-Write": "off"})
+            return "x-memory-error" not in answer.headers
+
+        wait_until(ready, 15, "the embedder to be tried again")
+
+
+def test_embeddings_take_the_client_key_the_upstream_accepted(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    # An OpenAI-style setup without a key in the config: the app's key is forwarded.
+    proxy = memory_proxy(
+        make_proxy,
+        llama,
+        tmp_path,
+        upstreams={"local": {"base_url": llama, "forward_client_key": True}},
+    )
+    headers = {"Authorization": "Bearer sk-users-own", "X-Memory-Scope": "keyed"}
+    chat(proxy, st_body([("user", "The lighthouse keeper is called Ana.")]), headers)
+
+    def embedded_with_key() -> bool:
+        # The stored turn is embedded after the reply: by then the key is known to work.
+        # (The request's own query went before it was, without one.)
+        paths = [r.path for r in llama.requests]
+        after = llama.requests[paths.index("/v1/chat/completions") + 1 :]
+        turns = [r for r in after if r.path == "/v1/embeddings"]
+        return any(b"Ana" in r.body for r in turns) and all(
+            r.headers.get("authorization") == "Bearer sk-users-own" for r in turns
+        )
+
+    wait_until(embedded_with_key, what="the turn embedded with the client's key")
 
 
 def test_stream_cut_by_the_client_stores_what_was_received_as_partial(

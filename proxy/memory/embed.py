@@ -498,9 +498,13 @@ class UpstreamEmbedder:
         *,
         batch_size: int = UPSTREAM_BATCH_SIZE,
         max_chars: int = 4000,
+        lent_key: Callable[[], str | None] | None = None,
     ) -> None:
         if batch_size < 1 or max_chars < 1:
             raise ValueError("batch_size and max_chars must be at least 1")
+        # Without an api_key: the Authorization a client's request got accepted with,
+        # if the upstream forwards client keys (see UpstreamPool.lend_key).
+        self._lent_key = lent_key
         self.url = base_url.rstrip("/") + "/embeddings"
         self.model_id = model
         self.batch_size = batch_size
@@ -549,7 +553,11 @@ class UpstreamEmbedder:
             "encoding_format": "float",
         }
         try:
-            response = await self._client.post(self.url, json=body, headers=self._headers)
+            headers = self._headers
+            if not headers and self._lent_key is not None:
+                key = self._lent_key()
+                headers = {"Authorization": key} if key else {}
+            response = await self._client.post(self.url, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise EmbeddingError(f"embedding upstream {self.url} failed: {exc!r}") from exc
         if response.status_code != 200:
