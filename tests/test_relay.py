@@ -513,6 +513,16 @@ def test_a_whole_reply_that_is_not_json_passes_through_as_sent(
     assert _reply_of(tmp_path, "plain") is None  # the turn is kept, the reply unread
 
 
+def test_a_whole_reply_without_a_content_type_is_not_called_json(
+    upstream: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    upstream.enqueue(Reply(raw=[b"data: what is this"], headers={"Content-Type": None}))
+    proxy = _memory_proxy(make_proxy, upstream, tmp_path)
+    response = _ask(proxy, "untyped", stream=False)
+    assert (response.status_code, response.content) == (200, b"data: what is this")
+    assert "content-type" not in response.headers  # as it came: no type claimed
+
+
 NOT_UTF8 = b'{"choices": [{"index": 0, "%s": {"content": "caf\xe9"}}]}'
 
 

@@ -168,7 +168,7 @@ class ChatCompletions:
             send,
             response.status_code,
             content,
-            content_type=response.headers.get("content-type", "application/json"),
+            content_type=response.headers.get("content-type") or None,  # as it came
             headers=_content_free(response_headers(response, plan.headers)),
         )
 

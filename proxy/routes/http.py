@@ -76,11 +76,12 @@ async def send_bytes(
     send: Send,
     status: int,
     body: bytes,
-    content_type: str = "application/json",
+    content_type: str | None = "application/json",
     headers: Mapping[str, str] | None = None,
 ) -> None:
-    """Send a complete response."""
-    all_headers = {"content-type": content_type, "content-length": str(len(body))}
+    """Send a complete response (`content_type` None: without one)."""
+    all_headers = {"content-type": content_type} if content_type else {}
+    all_headers["content-length"] = str(len(body))
     all_headers.update(headers or {})
     await send(
         {"type": "http.response.start", "status": status, "headers": encode_headers(all_headers)}

@@ -70,7 +70,9 @@ class Reply:
     tool_calls: list[dict[str, Any]] | None = None  # assistant tool calls, as OpenAI has them
     finish_reason: str | None = None  # default: "tool_calls" with tool calls, else "stop"
     extra_chunk_fields: dict[str, Any] = field(default_factory=dict)  # e.g. llama.cpp timings
-    headers: dict[str, str] = field(default_factory=dict)  # extra response headers
+    # Extra response headers; a None value leaves that header out (with `raw`, "Content-Type":
+    # None sends no Content-Type at all).
+    headers: dict[str, str | None] = field(default_factory=dict)
     # The body as these pieces, sent as they are (one write each), instead of an answer
     # of its own: SSE for a stream, else JSON, unless `headers` names a Content-Type
     # (an upstream that answers otherwise than asked). For upstreams that send odd things.
@@ -380,7 +382,9 @@ class FakeUpstream:
         if reply.delay_first:
             await asyncio.sleep(reply.delay_first)
         headers = [
-            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in reply.headers.items()
+            if v is not None
         ]
         if reply.status != 200:
             error = reply.error_body if reply.error_body is not None else _error(None, reply.status)
@@ -388,7 +392,7 @@ class FakeUpstream:
             return
         if reply.raw is not None:
             kind: list[tuple[bytes, bytes]] = []  # the reply's own Content-Type, if any
-            if not any(name == b"content-type" for name, _ in headers):
+            if not any(name.lower() == "content-type" for name in reply.headers):
                 kind = _SSE_HEADERS if wire.stream else [(b"content-type", b"application/json")]
             await send(_start(200, [*kind, *headers]))
             for index, piece in enumerate(reply.raw):
