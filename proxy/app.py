@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -162,18 +163,14 @@ def build_embedder(
             stack.push_async_callback(client.aclose)
         lent = None
         if pool is not None and upstream.forward_client_key:
-            lender = pool
-
-            def lent() -> str | None:
-                return lender.lent_headers(upstream).get("authorization")
-
+            lent = functools.partial(pool.lent_headers, upstream)
         return UpstreamEmbedder(
             upstream.base_url,
             upstream.api_key,
             cfg.model or "text-embedding-3-small",
             client,
             batch_size=cfg.batch_size,
-            lent_key=lent,
+            lent_headers=lent,
         )
     cache = Path(platformdirs.user_cache_dir("mnemoproxy", appauthor=False)) / "query-models"
     return LocalEmbedder(

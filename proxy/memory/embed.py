@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -498,13 +498,13 @@ class UpstreamEmbedder:
         *,
         batch_size: int = UPSTREAM_BATCH_SIZE,
         max_chars: int = 4000,
-        lent_key: Callable[[], str | None] | None = None,
+        lent_headers: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         if batch_size < 1 or max_chars < 1:
             raise ValueError("batch_size and max_chars must be at least 1")
-        # Without an api_key: the Authorization a client's request got accepted with,
-        # if the upstream forwards client keys (see UpstreamPool.lend_key).
-        self._lent_key = lent_key
+        # Without an api_key: the key a client's request got accepted with, if the
+        # upstream forwards client keys (UpstreamPool.lent_headers).
+        self._lent_headers = lent_headers
         self.url = base_url.rstrip("/") + "/embeddings"
         self.model_id = model
         self.batch_size = batch_size
@@ -554,9 +554,8 @@ class UpstreamEmbedder:
         }
         try:
             headers = self._headers
-            if not headers and self._lent_key is not None:
-                key = self._lent_key()
-                headers = {"Authorization": key} if key else {}
+            if not headers and self._lent_headers is not None:
+                headers = dict(self._lent_headers())
             response = await self._client.post(self.url, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise EmbeddingError(f"embedding upstream {self.url} failed: {exc!r}") from exc

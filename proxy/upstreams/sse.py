@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +172,15 @@ def loads_lenient(data: bytes) -> Any:
         return json.loads(data.decode("utf-8", "replace"))
 
 
+def _first_choice(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The first choice (index 0) of a completion or chunk, if it has a readable one."""
+    choices = body.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                yield choice
+
+
 @dataclass
 class ReplyAccumulator:
     """Builds the assistant's message from streamed chunks (first choice), for memory.
@@ -196,12 +206,7 @@ class ReplyAccumulator:
             self.usage = chunk["usage"]
         if isinstance(chunk.get("model"), str):
             self.model = chunk["model"] or self.model
-        choices = chunk.get("choices")
-        if not isinstance(choices, list):
-            return
-        for choice in choices:
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
+        for choice in _first_choice(chunk):
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 if isinstance(delta.get("content"), str):
@@ -218,12 +223,7 @@ class ReplyAccumulator:
             return
         self.usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
         self.model = body.get("model") if isinstance(body.get("model"), str) else None
-        choices = body.get("choices")
-        if not isinstance(choices, list):
-            return
-        for choice in choices:
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
+        for choice in _first_choice(body):
             message = choice.get("message")
             if isinstance(message, dict):
                 if isinstance(message.get("content"), str):
