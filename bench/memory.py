@@ -443,9 +443,9 @@ def measure_overhead(
                     ).json()
                     for step, ms in entry.get("detail", entry).get("timings", {}).items():
                         steps[name].setdefault(step, []).append(ms)
-        if write:  # the app shows the reply, the user reads it and writes the next one
-            history += [("user", question), ("assistant", FAKE_REPLY)]
-            time.sleep(WRITE_GAP)
+            if write:  # the app shows the reply, the user reads it and writes the next one
+                history += [("user", question), ("assistant", FAKE_REPLY)]
+                time.sleep(WRITE_GAP)
     ms = 1000.0
     out: dict[str, dict[str, Any]] = {}
     for name in names:
