@@ -284,11 +284,47 @@ def m004_memory_ids_not_reused(conn: Connection) -> None:
     )
 
 
+def m005_memory_changes(conn: Connection) -> None:
+    """Log which memories changed (`recall_rows`): the readers keep the rows that recall
+    ranks in memory, and drop those the log names. Inserts are not logged (a new id was
+    never cached), nor `embedded`/`meta` updates (recall does not read them). The log
+    keeps its last ~8k entries; a cache further behind starts over."""
+    _execute_script(
+        conn,
+        """
+        CREATE TABLE memory_changes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            memory_id INTEGER NOT NULL
+        );
+        CREATE TRIGGER memory_changes_update
+        AFTER UPDATE OF scope_id, kind, text, importance, at, state, pinned, speaker, role
+        ON memories
+        BEGIN
+            INSERT INTO memory_changes (memory_id) VALUES (old.id);
+        END;
+        CREATE TRIGGER memory_changes_delete AFTER DELETE ON memories
+        BEGIN
+            INSERT INTO memory_changes (memory_id) VALUES (old.id);
+        END;
+        CREATE TRIGGER memory_changes_sources AFTER DELETE ON memory_sources
+        BEGIN
+            INSERT INTO memory_changes (memory_id) VALUES (old.memory_id);
+        END;
+        CREATE TRIGGER memory_changes_pruned AFTER INSERT ON memory_changes
+        WHEN new.seq % 1024 = 0
+        BEGIN
+            DELETE FROM memory_changes WHERE seq <= new.seq - 8192;
+        END;
+        """,
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     m001_initial,
     m002_chat_threads,
     m003_pinned_index,
     m004_memory_ids_not_reused,
+    m005_memory_changes,
 )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from proxy.inject.block import Note, Recalled
 from proxy.memory import records, scope_state, vectors
 from proxy.memory.db import Connection
 from proxy.memory.rank import Candidate, Weights, rank
+from proxy.memory.recall_rows import Row, load_rows
 from proxy.memory.timeq import TimeSpan, find_span
 from proxy.messages import message_text
 
@@ -87,7 +88,7 @@ class Lookup:
     span: TimeSpan | None  # the span of time the query names, if any
     ranks: dict[int, int]  # keyword (BM25) hits: memory id -> position, 0 = best
     adjacent: dict[int, list[int]]  # the keyword seeds' neighbouring turns
-    rows: dict[int, _Row]  # the rows of all of the above
+    rows: dict[int, Row]  # the rows of all of the above
     span_ids: tuple[int, ...] = ()  # memories dated inside the span
     context: bool = False  # whether neighbouring turns are wanted
 
@@ -125,7 +126,7 @@ def look_up(
             )
         )
     wanted = [*ranks, *(n for ns in adjacent.values() for n in ns)]
-    return Lookup(span, ranks, adjacent, _load_rows(conn, scope_id, wanted), span_ids, context)
+    return Lookup(span, ranks, adjacent, load_rows(conn, scope_id, wanted), span_ids, context)
 
 
 def recall(
@@ -232,7 +233,7 @@ def _candidates(
         sims.update(search.similarities([i for i in ids if i not in sims]))
     searched = time.perf_counter()
     rows = dict(lookup.rows)
-    rows.update(_load_rows(conn, scope_id, [i for i in ids if i not in rows]))
+    rows.update(load_rows(conn, scope_id, [i for i in ids if i not in rows]))
     context = {m: max(sims.get(n, 0.0) for n in ns) for m, ns in adjacent.items() if ns}
     # Positional: ~150 candidates a request, and keywords cost a NamedTuple more.
     candidates = [
@@ -262,41 +263,6 @@ def _candidates(
 def _ms(start: float, end: float | None = None) -> float:
     """Milliseconds from `start` to `end` (now), as the request log keeps them."""
     return round(((end if end is not None else time.perf_counter()) - start) * 1000, 3)
-
-
-class _Row(NamedTuple):
-    """What ranking needs of a memory."""
-
-    id: int
-    kind: str
-    text: str
-    at: float
-    importance: float
-    pinned: bool
-    speaker: str | None
-    role: str | None
-    sources: tuple[int, ...]
-
-
-def _load_rows(conn: Connection, scope_id: int, memory_ids: Sequence[int]) -> dict[int, _Row]:
-    """The active memories of the scope among `memory_ids`, with their sources."""
-    found: dict[int, tuple[Any, ...]] = {}
-    sources: dict[int, list[int]] = {}
-    for chunk in records.chunked(list(dict.fromkeys(memory_ids))):
-        # One query for the rows and their sources: it runs on every request's path.
-        for r in conn.execute(
-            "SELECT m.id, m.kind, m.text, m.at, m.importance, m.pinned, m.speaker, m.role,"
-            " s.message_id FROM memories m LEFT JOIN memory_sources s ON s.memory_id = m.id"
-            f" WHERE m.id IN ({records.placeholders(chunk)})"
-            " AND +m.scope_id = ? AND +m.state = 'active' ORDER BY s.message_id",
-            (*chunk, scope_id),
-        ):
-            found.setdefault(r[0], r)
-            if r[8] is not None:
-                sources.setdefault(r[0], []).append(r[8])
-    return {
-        m: _Row(*r[:5], bool(r[5]), r[6], r[7], tuple(sources.get(m, ()))) for m, r in found.items()
-    }
 
 
 def _adjacent(conn: Connection, scope_id: int, memory_ids: Sequence[int]) -> dict[int, list[int]]:
