@@ -41,7 +41,7 @@ from proxy.memory.embed import normalize_rows
 log = logging.getLogger("mnemoproxy.embed")
 
 # Bump when the build steps change, so that files built the old way are not reused.
-RECIPE = 4
+RECIPE = 5
 # Input channels of each matrix product kept in float32 (see `_quantize_products`).
 OUTLIER_CHANNELS = 8
 # A copy built by other versions of the model or tools is removed once unused this long.
@@ -98,6 +98,7 @@ def build_query_model(st_model: Any, model_dir: Path, cache_dir: Path, name: str
         model = _optimize(plain, transformer.auto_model.config).model
         _unfuse_attention(model)
         _quantize_products(model, _input_ranges(model, transformer.tokenizer))
+        _fold_biases(model)
         partial = Path(tmp) / "quantized.onnx"
         onnx.save_model(model, str(partial))
         os.replace(partial, target)  # atomic: a reader never sees half a file
@@ -374,6 +375,54 @@ def _quantize_products(model: Any, ranges: dict[str, np.ndarray]) -> None:
         graph.initializer.remove(tensor)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _fold_biases(model: Any) -> None:
+    """Each bias added after an 8-bit product given to the product itself (its optional
+    `bias` input), where nothing else reads the sum without it.
+
+    A short query runs ~160 small nodes, each with a fixed cost: leaving out MiniLM's 18
+    bias additions took a query from 3.15 to 3.05 ms (p50 of 1000 alternating runs).
+    """
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    made_by = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    removed: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        bias = next((i for i in node.input if i in constants), None)
+        total = next((i for i in node.input if i != bias), None)
+        if bias is None or total is None or len(constants[bias].dims) != 1:
+            continue
+        summed = made_by.get(total)
+        product = summed
+        if summed is not None and summed.op_type == "Add":  # main + the outliers' part
+            product = next((made_by.get(i) for i in summed.input if _is_q8(made_by.get(i))), None)
+        if (
+            summed is None
+            or not _is_q8(product)
+            or len(product.input) > 3
+            or readers.get(total) != 1
+            or total in outputs
+            or readers.get(product.output[0]) != 1
+        ):
+            continue
+        product.input.extend(["", bias])  # no zero point: the weights are symmetric
+        summed.output[0] = node.output[0]
+        removed.add(id(node))
+    nodes = [node for node in graph.node if id(node) not in removed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _is_q8(node: Any) -> bool:
+    return node is not None and node.op_type == "DynamicQuantizeMatMul"
 
 
 @contextlib.contextmanager
