@@ -30,10 +30,13 @@ from proxy.routes.relay import (
 from proxy.routes.state import AppState
 from proxy.routes.validation import validate_chat_body
 from proxy.upstreams.client import UpstreamResponse, upstream_headers
-from proxy.upstreams.registry import Upstream
+from proxy.upstreams.registry import Route, Upstream
 from proxy.upstreams.sse import ReplyAccumulator, loads_lenient
 
 log = logging.getLogger("mnemoproxy.chat")
+
+# What older servers answer to a field they do not know (`stream_options`).
+_REFUSED = frozenset({400, 422})
 
 
 class ChatCompletions:
@@ -62,24 +65,22 @@ class ChatCompletions:
             state.metrics.count_error(exc)
             await send_error(send, exc)
             return
-        if plan.body is not None:
-            outgoing = json.dumps(plan.body, ensure_ascii=False).encode()
-        elif route.model != body.get("model"):
-            outgoing = json.dumps({**body, "model": route.model}, ensure_ascii=False).encode()
-        else:
-            outgoing = raw  # untouched: unknown fields pass through byte for byte
+        sending = plan.body
+        if sending is None and route.model != body.get("model"):
+            sending = {**body, "model": route.model}
+        # Untouched, the request goes on as it came: unknown fields byte for byte.
+        outgoing = raw if sending is None else json.dumps(sending, ensure_ascii=False).encode()
+        # A stream reports usage only when asked; calibrating the budget needs it.
+        fallback = None
+        if plan.wants_usage and state.pool.takes_stream_options(route.upstream):
+            asking = _asking_usage(body if sending is None else sending)
+            if asking is not None:
+                fallback, outgoing = outgoing, json.dumps(asking, ensure_ascii=False).encode()
         # The user's request holds its upstream: background jobs there wait or give way.
         with state.gate.user(route.upstream.name):
             try:
-                response = await run_until_disconnect(
-                    receive,
-                    state.pool.send(
-                        route.upstream,
-                        "POST",
-                        "chat/completions",
-                        headers=upstream_headers(route.upstream, headers),
-                        content=outgoing,
-                    ),
+                response, added = await run_until_disconnect(
+                    receive, self._send(state, route, headers, outgoing, fallback)
                 )
             except ClientGone:
                 return
@@ -91,9 +92,45 @@ class ChatCompletions:
             if response.status_code < 400:  # the key works: background work may use it
                 state.pool.lend_key(route.upstream, headers)
             try:
-                await self._answer(send, receive, response, route.upstream, body, plan)
+                await self._answer(send, receive, response, route.upstream, body, plan, added)
             finally:
                 await response.aclose()
+
+    async def _send(
+        self,
+        state: AppState,
+        route: Route,
+        headers: dict[str, str],
+        outgoing: bytes,
+        fallback: bytes | None,
+    ) -> tuple[UpstreamResponse, bool]:
+        """Send the request upstream; the caller closes the response it returns.
+
+        `fallback` is the request without the `stream_options` we added to `outgoing`:
+        an upstream that refuses those (400/422) gets it at once, and the client sees
+        only that answer. Returns the response, and whether it is to our stream_options.
+        """
+        upstream = route.upstream
+        forwarded = upstream_headers(upstream, headers)
+        response = await state.pool.send(
+            upstream, "POST", "chat/completions", headers=forwarded, content=outgoing
+        )
+        if fallback is None or response.status_code not in _REFUSED:
+            return response, fallback is not None
+        status = response.status_code
+        await response.aclose()
+        response = await state.pool.send(
+            upstream, "POST", "chat/completions", headers=forwarded, content=fallback
+        )
+        # Only when the plain request went through was the refusal about our field.
+        if response.status_code < 400 and state.pool.refuse_stream_options(upstream):
+            log.info(
+                "upstream %r answered %d to stream_options; not sending it there again "
+                "(the token budget is calibrated from non-streamed replies only)",
+                upstream.name,
+                status,
+            )
+        return response, False
 
     async def _answer(
         self,
@@ -103,7 +140,10 @@ class ChatCompletions:
         upstream: Upstream,
         body: dict[str, Any],
         plan: ChatPlan,
+        strip_usage: bool = False,
     ) -> None:
+        """Pass the upstream's answer on; `strip_usage`: leave out the usage that we,
+        not the client, asked a stream for."""
         if response.status_code >= 400:
             await pass_error(send, receive, response, upstream, plan.headers)
         elif is_event_stream(response, body.get("stream") is True):  # what came
@@ -127,6 +167,7 @@ class ChatCompletions:
                     headers=plan.headers,
                     on_chunk=reply.add_chunk,
                     before_done=record_whole,
+                    strip_usage=strip_usage,
                 )
             except asyncio.CancelledError:  # the server stops mid-stream: keep what came
                 if not recorded:
@@ -171,6 +212,20 @@ class ChatCompletions:
             content_type=response.headers.get("content-type") or None,  # as it came
             headers=_content_free(response_headers(response, plan.headers)),
         )
+
+
+def _asking_usage(body: dict[str, Any]) -> dict[str, Any] | None:
+    """`body` asking its stream to report usage, keeping the client's other
+    stream_options; None if it is not ours to add (not a stream, the client asked for
+    usage itself, or its stream_options are not an object)."""
+    if body.get("stream") is not True:
+        return None
+    options = body.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return None
+    return {**body, "stream_options": {**options, "include_usage": True}}
 
 
 def _content_free(headers: dict[str, str]) -> dict[str, str]:

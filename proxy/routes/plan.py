@@ -18,6 +18,11 @@ class ChatPlan(Protocol):
     body: dict[str, Any] | None
     headers: dict[str, str]
 
+    @property
+    def wants_usage(self) -> bool:
+        """Whether the reply's token usage is wanted (it calibrates the token budget): a
+        stream is then asked for it, and the client gets it only if it asked too."""
+
     async def record(self, reply: ReplyAccumulator, *, partial: bool) -> None:
         """Store the turn once the reply is known. Never raises."""
 
@@ -43,6 +48,7 @@ class UnchangedPlan:
 
     body: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    wants_usage: bool = False  # forwarded exactly as the client sent it
 
     async def record(self, reply: ReplyAccumulator, *, partial: bool) -> None:
         return None

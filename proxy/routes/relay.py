@@ -22,7 +22,7 @@ from proxy.errors import ProxyError, UpstreamError, error_envelope, sse_error_ev
 from proxy.routes.http import ClientGone, encode_headers, send_bytes
 from proxy.upstreams.client import UpstreamResponse
 from proxy.upstreams.registry import Upstream
-from proxy.upstreams.sse import DONE, Event, EventSplitter, InvalidSSE
+from proxy.upstreams.sse import DONE, Event, EventSplitter, InvalidSSE, without_usage
 
 T = TypeVar("T")
 
@@ -80,6 +80,7 @@ async def relay_sse(
     headers: Mapping[str, str],
     on_chunk: Callable[[Any], None] | None = None,
     before_done: Callable[[], Awaitable[None]] | None = None,
+    strip_usage: bool = False,
 ) -> RelayResult:
     """Relay an SSE chat stream event by event; the caller closes `response`.
 
@@ -90,7 +91,8 @@ async def relay_sse(
     after the good events before it; the upstream's own `[DONE]` is replaced by ours,
     sent once at the end. `before_done` runs after the upstream's last event
     and before `[DONE]` reaches the client (the memory write, so a client that saw
-    `[DONE]` knows its turn is stored).
+    `[DONE]` knows its turn is stored). `strip_usage` keeps from the client the usage
+    that the proxy asked for and it did not (`on_chunk` still sees it).
     """
     out = response_headers(response, headers)
     out["content-type"] = "text/event-stream; charset=utf-8"
@@ -101,22 +103,23 @@ async def relay_sse(
     async def pump() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": encode_headers(out)})
         splitter = EventSplitter()
+        parse = on_chunk is not None or strip_usage
         try:
             async for chunk in response.aiter_bytes():
-                if on_chunk is None:
+                if not parse:
                     data = splitter.feed_bytes(chunk)
                 else:
-                    data = _handled(splitter.feed(chunk), on_chunk)
+                    data = _handled(splitter.feed(chunk), on_chunk, strip_usage)
                 if data:
                     await _body(send, data)
-            data = _handled(splitter.finish(parse_data=on_chunk is not None), on_chunk)
+            data = _handled(splitter.finish(parse_data=parse), on_chunk, strip_usage)
             if data:
                 await _body(send, data)
         except InvalidSSE as exc:
             result.error = UpstreamError(
                 f"upstream {upstream.name!r} sent an invalid stream: {exc}"
             )
-            data = _handled(exc.before, on_chunk)  # the good events of the same read
+            data = _handled(exc.before, on_chunk, strip_usage)  # good events of the same read
             if data:
                 await _body(send, data)
         except UpstreamError as exc:  # the transport failed; the response named it
@@ -137,9 +140,11 @@ async def relay_sse(
     return result
 
 
-def _handled(events: list[Event], on_chunk: Callable[[Any], None] | None) -> bytes:
+def _handled(
+    events: list[Event], on_chunk: Callable[[Any], None] | None, strip_usage: bool = False
+) -> bytes:
     """The events' bytes, `[DONE]` left out (ours comes at the end), each event's data
-    given to `on_chunk` first."""
+    given to `on_chunk` first, and with `strip_usage` without their usage."""
     kept = [e for e in events if not e.done]
     if on_chunk is not None:
         for event in kept:
@@ -148,7 +153,19 @@ def _handled(events: list[Event], on_chunk: Callable[[Any], None] | None) -> byt
                     on_chunk(event.data)
                 except Exception:  # reading for memory never costs the client its reply
                     log.exception("could not read a streamed event: %.120r", event.raw)
+    if strip_usage:
+        return b"".join(_stripped(e) for e in kept)
     return b"".join(e.raw for e in kept)
+
+
+def _stripped(event: Event) -> bytes:
+    """The event's bytes without the usage the client did not ask for (b"": left out)."""
+    try:
+        stripped = without_usage(event)
+    except Exception:  # an event we cannot rewrite goes on as it came, usage and all
+        log.exception("could not take the usage out of a streamed event: %.120r", event.raw)
+        return event.raw
+    return b"" if stripped is None else stripped.raw
 
 
 async def relay_bytes(

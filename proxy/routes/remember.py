@@ -40,7 +40,7 @@ from proxy.memory.recall import (
     recall,
     scope_context,
 )
-from proxy.memory.record import Recorded, Turn, record_turn, transcript_index
+from proxy.memory.record import Recorded, Turn, Write, record_turn, transcript_index
 from proxy.memory.schedule import BackgroundConfig, TurnJobs, first_in_window
 from proxy.memory.scope import (
     InvalidScope,
@@ -146,14 +146,12 @@ class Remember:
         except InvalidScope as exc:
             raise InvalidScopeName(str(exc), param="scope") from exc
         now = parse_now(headers.get("x-memory-now"))
-        remember = headers.get("x-memory-write", "").strip().lower() not in WRITE_OFF
-        if _is_utility_call(body["messages"]):
-            remember = False
+        write = write_mode(headers, body["messages"])
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
         with self.activity:
             try:
-                plan = await self._prepare(identity, ref, body, route, now, remember, request_id)
+                plan = await self._prepare(identity, ref, body, route, now, write, request_id)
             except Exception as exc:  # fail-open: the request goes through unchanged
                 log.exception("memory step failed; forwarding the request unchanged")
                 self.metrics.add("memory_errors")
@@ -174,7 +172,7 @@ class Remember:
         body: dict[str, Any],
         route: Route,
         now: float,
-        remember: bool,
+        write: Write,
         request_id: str,
     ) -> RememberPlan:
         messages: list[dict[str, Any]] = body["messages"]
@@ -184,7 +182,7 @@ class Remember:
         lap("scope_ms")
         headers = {"x-memory-scope": ref.name, "x-memory-request-id": request_id}
         if scope.settings.get("enabled") is False:
-            return RememberPlan(self, None, headers, None, request_id, now, remember=False)
+            return RememberPlan(self, None, headers, None, request_id, now, write=Write.NOTHING)
         names = detect_names(messages)
         scene = scope.settings.get("scene") or {}
         char = scene.get("char_name") or names.char
@@ -308,7 +306,7 @@ class Remember:
             out,
             request_id,
             now,
-            remember=remember,
+            write=write,
             messages=spoken,
             char=char,
             user=user,
@@ -531,7 +529,7 @@ class Remember:
     async def record(self, plan: RememberPlan, reply: ReplyAccumulator, partial: bool) -> None:
         """Step 9: store the turn (and the request log). Never raises."""
         self._calibrate(plan, reply, partial)
-        if plan.scope_id is None or (not plan.remember and plan.log is None):
+        if plan.scope_id is None or (plan.write is Write.NOTHING and plan.log is None):
             return
         message = reply.message() if (reply.content or reply.tool_calls) else None
         if message is not None and plan.reply_name:
@@ -561,7 +559,7 @@ class Remember:
             capture_style=self.settings.memory.style_sample,
             log=log_entry,
             logged_at=plan.received_at,
-            remember=plan.remember,
+            write=plan.write,
             background=plan.background,
         )
         lock = self._scope_locks.setdefault(plan.scope_id, asyncio.Lock())
@@ -605,7 +603,7 @@ class RememberPlan:
     body: dict[str, Any] | None
     request_id: str
     now: float
-    remember: bool = True
+    write: Write = Write.ALL
     messages: list[dict[str, Any]] = field(default_factory=list)
     char: str | None = None
     user: str | None = None
@@ -615,6 +613,11 @@ class RememberPlan:
     background: TurnJobs | None = None
     calibration: tuple[tuple[str, str | None], int] | None = None  # key, our estimate
     received_at: float = field(default_factory=time.time)  # by the clock: the log's date
+
+    @property
+    def wants_usage(self) -> bool:
+        """Whether the reply's usage would calibrate the budget (memory is on)."""
+        return self.calibration is not None
 
     async def record(self, reply: ReplyAccumulator, *, partial: bool) -> None:
         """Store the turn once the reply is known. Never raises."""
@@ -632,6 +635,18 @@ def _soon(awaitable: Awaitable[T]) -> asyncio.Future[T]:
 def _kept_ids(alignment: Alignment, trim: Trim) -> set[int]:
     kept = set(trim.kept)
     return {sid for index, sid in alignment.matched if index in kept}
+
+
+def write_mode(headers: Mapping[str, str], messages: list[dict[str, Any]]) -> Write:
+    """What the request may store. An app's utility call is no part of the chat: nothing
+    (whatever the headers say). `X-Memory-Write: off` is: its exchange is stored as
+    private messages, without text, so that the next requests, which carry it again,
+    know it (left out, they would store it as new messages)."""
+    if _is_utility_call(messages):
+        return Write.NOTHING
+    if headers.get("x-memory-write", "").strip().lower() in WRITE_OFF:
+        return Write.PRIVATE
+    return Write.ALL
 
 
 def _is_utility_call(messages: list[dict[str, Any]]) -> bool:

@@ -107,6 +107,9 @@ class UpstreamPool:
         # background work (summaries, facts) has no client of its own to take a key
         # from. In memory only; never written anywhere.
         self._lent: dict[str, str] = {}
+        # Upstreams that refused the `stream_options` we add to ask for usage (older
+        # servers answer 400/422 to a field they do not know): not sent to them again.
+        self._no_stream_options: set[str] = set()
 
     def lend_key(self, upstream: Upstream, client_headers: Mapping[str, str]) -> None:
         """Keep the client's key that `upstream` just accepted, for `lent_headers`."""
@@ -119,6 +122,17 @@ class UpstreamPool:
         the client key it last accepted, if it forwards client keys."""
         key = self._lent.get(upstream.name)
         return {"authorization": key} if key else {}
+
+    def takes_stream_options(self, upstream: Upstream) -> bool:
+        """Whether `upstream` may be sent a `stream_options` the client did not send."""
+        return upstream.name not in self._no_stream_options
+
+    def refuse_stream_options(self, upstream: Upstream) -> bool:
+        """Send `upstream` no `stream_options` of ours again; True the first time."""
+        if upstream.name in self._no_stream_options:
+            return False
+        self._no_stream_options.add(upstream.name)
+        return True
 
     async def aclose(self) -> None:
         """Close every session and its connections."""

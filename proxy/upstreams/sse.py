@@ -3,6 +3,8 @@
 The relay forwards whole events as soon as each one is complete, so the client sees
 exactly what the upstream sent (every field, the usage chunk, llama.cpp's `timings`),
 and a broken stream is caught at an event boundary instead of half-way through one.
+The one exception is usage that the proxy asked for and the client did not
+(`without_usage`).
 """
 
 from __future__ import annotations
@@ -170,6 +172,44 @@ def loads_lenient(data: bytes) -> Any:
         return json.loads(data)
     except UnicodeDecodeError:  # the rare case: decoded again only then
         return json.loads(data.decode("utf-8", "replace"))
+
+
+def without_usage(event: Event) -> Event | None:
+    """The event as a client that did not ask for usage would have got it.
+
+    A chunk with no choices that carries usage (OpenAI's last one, `"choices": []`) is
+    left out (None); any other chunk with a `usage` key (a `null` one on every chunk,
+    or usage on the last chunk with choices) loses that key and is written again. Every
+    other event comes back as it is, its bytes untouched, and so does one whose bytes
+    are not UTF-8 (rewriting it would change them).
+    """
+    data = event.data
+    if not isinstance(data, dict) or "usage" not in data:
+        return event
+    choices = data.get("choices")
+    if (choices is None or choices == []) and "error" not in data:
+        return None
+    try:
+        event.raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return event
+    rest = {key: value for key, value in data.items() if key != "usage"}
+    # A lone surrogate (only ever inside a JSON string) is written as its \u escape.
+    payload = json.dumps(rest, ensure_ascii=False, separators=(",", ":"))
+    return Event(_with_payload(event.raw, payload.encode("utf-8", "backslashreplace")), rest)
+
+
+def _with_payload(raw: bytes, payload: bytes) -> bytes:
+    """The event `raw` with its data lines replaced by one line holding `payload` (in
+    the place of the first; comments and other fields kept)."""
+    lines: list[bytes] = []
+    for line in raw[:-2].split(b"\n"):  # raw always ends with its blank line
+        if line.partition(b":")[0] != b"data":
+            lines.append(line)
+        elif payload:
+            lines.append(b"data: " + payload)
+            payload = b""
+    return b"\n".join(lines) + b"\n\n"
 
 
 def _first_choice(body: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -115,7 +115,8 @@ class FakeUpstream:
     while `embeddings_open` is set (clear it to stand for a model still loading). A
     client that goes away before the answer is fully written is appended to
     `disconnects` and sets the `disconnected` event. `record=False` keeps no requests
-    (long benchmarks).
+    (long benchmarks). `reject_stream_options` answers 400 to a chat request that has
+    `stream_options`, as older servers do with a field they do not know.
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class FakeUpstream:
         host: str = "127.0.0.1",
         port: int = 0,
         record: bool = True,
+        reject_stream_options: bool = False,
     ) -> None:
         if flavor not in FLAVORS:
             raise ValueError(f"flavor must be one of {FLAVORS}, not {flavor!r}")
@@ -134,6 +136,7 @@ class FakeUpstream:
         self.context_window = context_window
         self.models = list(models or ["fake-model"])
         self.architecture = "llama"  # Ollama's general.architecture
+        self.reject_stream_options = reject_stream_options
         self.embedding_dim = 16
         self.embeddings_open = threading.Event()
         self.embeddings_open.set()
@@ -348,6 +351,10 @@ class FakeUpstream:
         body = request.json
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             await _send_json(send, 400, _error("the body must be JSON with a 'messages' list", 400))
+            return
+        if self.reject_stream_options and "stream_options" in body:
+            message = "Unrecognized request argument supplied: stream_options"
+            await _send_json(send, 400, _error(message, 400))
             return
         reply = self._next_reply(body)
         wire = _Wire(self, body, chat=True)
