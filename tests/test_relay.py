@@ -127,6 +127,28 @@ def test_models_merged_with_routing_prefix(make_proxy: MakeProxy, make_client: M
         assert local.chat_requests == []
 
 
+def test_a_bare_name_goes_to_the_one_upstream_serving_it_without_a_listing_first(
+    make_proxy: MakeProxy, make_client: MakeClient
+) -> None:
+    # The app kept "gpt-x" from an earlier session and never asks /v1/models again.
+    with (
+        FakeUpstream(models=["llama3"]) as local,
+        FakeUpstream(models=["gpt-x"]) as remote,
+    ):
+        proxy = make_proxy({"local": local, "remote": remote}, server={"default_upstream": "local"})
+        client = make_client(proxy)
+        hi = [{"role": "user", "content": "hi"}]
+        client.chat.completions.create(model="gpt-x", messages=hi)
+        assert [r.json["model"] for r in remote.chat_requests] == ["gpt-x"]
+        client.completions.create(model="gpt-x", prompt="Once")  # passed through likewise
+        assert remote.requests[-1].path == "/v1/completions"
+        # A name nobody serves goes to the default, and asks the upstreams only once.
+        for _ in range(3):
+            client.chat.completions.create(model="typo", messages=hi)
+        assert [r.json["model"] for r in local.chat_requests] == ["typo"] * 3
+        assert sum(r.path == "/v1/models" for r in local.requests) == 1
+
+
 def test_explicit_routes_and_model_lists_pick_the_upstream(
     make_proxy: MakeProxy, make_client: MakeClient
 ) -> None:

@@ -19,6 +19,7 @@ from proxy.routes.http import (
     send_bytes,
     send_error,
 )
+from proxy.routes.models import route_for
 from proxy.routes.plan import ChatPlan, UnchangedPlan
 from proxy.routes.relay import (
     is_event_stream,
@@ -51,7 +52,7 @@ class ChatCompletions:
             raw = await read_body(scope, receive, state.max_body_bytes)
             body = parse_json_object(raw)
             validate_chat_body(body)
-            route = state.router.pick(body.get("model"))
+            route = await route_for(state, body.get("model"), headers)
             plan = await state.memory.prepare(
                 identity=identity,
                 path_scope=scope.get("path_params", {}).get("scope"),

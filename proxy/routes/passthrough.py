@@ -8,6 +8,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.errors import ProxyError
 from proxy.routes.http import ClientGone, read_body, request_headers, send_error
+from proxy.routes.models import route_for
 from proxy.routes.relay import pass_error, relay_bytes, run_until_disconnect
 from proxy.routes.state import AppState
 from proxy.upstreams.client import upstream_headers
@@ -25,7 +26,7 @@ class PassThrough:
         try:
             state.auth.identify(headers)
             raw = await read_body(scope, receive, state.max_body_bytes)
-            route, path, raw = pick_route(state, path, headers, raw)
+            route, path, raw = await pick_route(state, path, headers, raw)
             query = scope.get("query_string", b"").decode("latin-1")
             response = await run_until_disconnect(
                 receive,
@@ -53,7 +54,7 @@ class PassThrough:
             await response.aclose()
 
 
-def pick_route(
+async def pick_route(
     state: AppState, path: str, headers: dict[str, str], raw: bytes
 ) -> tuple[Route, str, bytes]:
     """Choose the upstream from the JSON body's `model` (or `models/{id}` in the path).
@@ -62,7 +63,7 @@ def pick_route(
     prefix (`local/llama3` -> `llama3`) removed from the model name.
     """
     if path.startswith("models/") and len(path) > len("models/"):
-        route = state.router.pick(path[len("models/") :])
+        route = await route_for(state, path[len("models/") :], headers)
         return route, f"models/{route.model}", raw
     model = None
     data = None
@@ -73,7 +74,7 @@ def pick_route(
             data = None  # not ours to judge: the upstream will answer it
         if isinstance(data, dict) and isinstance(data.get("model"), str):
             model = data["model"]
-    route = state.router.pick(model)
+    route = await route_for(state, model, headers)
     if model is not None and route.model != model and isinstance(data, dict):
         raw = json.dumps({**data, "model": route.model}, ensure_ascii=False).encode()
     return route, path, raw

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from proxy.metrics import Metrics
 from proxy.routes.auth import Auth
@@ -23,3 +24,5 @@ class AppState:
     metrics: Metrics
     max_body_bytes: int
     gate: UpstreamGate
+    # Held while the upstreams are asked for their models on behalf of a request.
+    asking_models: asyncio.Lock = field(default_factory=asyncio.Lock)

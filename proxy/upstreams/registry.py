@@ -66,6 +66,7 @@ class Router:
             raise ValueError(f"default upstream {default!r} is not configured")
         self._by_prefix = {u.prefix: u for u in self.upstreams.values() if u.prefix}
         self._listed: dict[str, Upstream] = {}
+        self._asked_at: float | None = None  # when a name no rule knew last made us ask
 
     def learn(self, listed: Mapping[str, Iterable[str]]) -> None:
         """Remember the models each upstream lists (upstream name -> model ids): a model
@@ -81,20 +82,26 @@ class Router:
             if len(names) == 1 and next(iter(names)) in self.upstreams
         }
 
+    def match(self, model: str) -> Route | None:
+        """The route a rule gives `model`, without the default; None if none does."""
+        for pattern, name in self._routes.items():
+            if pattern == model or fnmatch.fnmatchcase(model, pattern):
+                return Route(self.upstreams[name], model)
+        for upstream in self.upstreams.values():
+            if model in upstream.models:
+                return Route(upstream, model)
+        if model in self._listed:
+            return Route(self._listed[model], model)
+        prefix, sep, rest = model.partition("/")
+        if sep and rest and prefix in self._by_prefix:
+            return Route(self._by_prefix[prefix], rest)
+        return None
+
     def pick(self, model: str | None) -> Route:
         """The route for `model`; raises ModelNotFound when nothing serves it."""
-        if model:
-            for pattern, name in self._routes.items():
-                if pattern == model or fnmatch.fnmatchcase(model, pattern):
-                    return Route(self.upstreams[name], model)
-            for upstream in self.upstreams.values():
-                if model in upstream.models:
-                    return Route(upstream, model)
-            if model in self._listed:
-                return Route(self._listed[model], model)
-            prefix, sep, rest = model.partition("/")
-            if sep and rest and prefix in self._by_prefix:
-                return Route(self._by_prefix[prefix], rest)
+        route = self.match(model) if model else None
+        if route is not None:
+            return route
         if self.default is not None:
             return Route(self.default, model)
         if not model:
@@ -107,6 +114,14 @@ class Router:
             f"configured (prefix a model with an upstream name: {known})",
             param="model",
         )
+
+    def may_ask(self, now: float, every: float) -> bool:
+        """Whether to ask the upstreams for their models now (at most once per `every`
+        seconds): a name no rule knows may be one that a single upstream serves."""
+        if self._asked_at is not None and now - self._asked_at < every:
+            return False
+        self._asked_at = now
+        return True
 
     def public_model_id(self, upstream: Upstream, model_id: str) -> str:
         """The id under which a model is listed, so that it routes back to `upstream`."""
