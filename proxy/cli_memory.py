@@ -704,7 +704,8 @@ def _show_transcript(data: dict[str, Any]) -> None:
     for m in data["messages"]:
         who = m["speaker"] or m["role"]
         state = "" if m["state"] == "active" else f" [{m['state']}]"
-        text = _one_line(m["content"])
+        # A private message has no text to show (an older server sends no "private").
+        text = "(private)" if m.get("private") else _one_line(m["content"])
         print(f"{m['seq']:>5} t{m['thread']} {_when(m['seen_at'])} {who}: {text}{state}")
     if data["next_after"] is not None:
         print(f"(more: --limit, or the API's after={data['next_after']})")

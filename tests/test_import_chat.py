@@ -118,7 +118,8 @@ def test_cli_imports_a_5000_message_chat_and_recall_finds_an_early_event(
     event = next(m for m in transcript["messages"] if m["id"] == source)
     assert event["content"] == EVENT and event["speaker"] == "Tom"
     assert event["seen_at"] == pytest.approx(START + 60 * 7)  # the date of the file, kept
-    assert api(proxy, "GET", "/scopes/epic").json()["messages"]["active"] == 5000  # write off
+    # Write off: nothing remembered (the exchange is kept as private messages, no text).
+    assert api(proxy, "GET", "/scopes/epic").json()["memories"] == scope["memories"]
 
 
 def test_http_import_reports_bad_lines_imports_the_rest_and_refuses_a_second_chat_unless_appended(

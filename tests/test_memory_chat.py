@@ -420,7 +420,7 @@ def test_a_swiped_first_reply_is_not_shown_as_the_style_sample_of_the_regenerate
     assert "1234" not in json.dumps(llama.last["messages"])
 
 
-def test_identical_request_twice_stores_nothing_twice_and_write_off_stores_nothing(
+def test_identical_request_twice_stores_nothing_twice_and_write_off_stores_no_text(
     llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
     proxy = memory_proxy(make_proxy, llama, tmp_path)
@@ -434,7 +434,9 @@ def test_identical_request_twice_stores_nothing_twice_and_write_off_stores_nothi
     before = len(transcript_of(tmp_path / "memory.db", "retry-test"))
     off = {**headers, "X-Memory-Write": "off"}
     chat(proxy, st_body([("user", "Hello there!"), ("assistant", "Hi"), ("user", "Secret")]), off)
-    assert len(transcript_of(tmp_path / "memory.db", "retry-test")) == before
+    added = transcript_of(tmp_path / "memory.db", "retry-test")[before:]
+    # Kept for alignment only, without a word (tests/test_write_off.py has the rest).
+    assert added and all(r.private and not r.content for r in added)
 
 
 def test_scope_from_path_header_user_field_and_invalid_names(

@@ -2,7 +2,10 @@
 
 - The scope document (``export_scope`` / ``import_scope``) is one JSON object holding
   everything a scope remembers: its transcript (every state), its memories (with their
-  states, pins and sources), its summaries, its style sample and settings. It names
+  states, pins and sources), its summaries, its style sample and settings. Private
+  messages (``X-Memory-Write: off``) go as the store holds them, ``"private": true``
+  without text: a scope restored from it still knows them when the app sends them
+  again, instead of storing them then as new messages with their text. It names
   nothing by database id: messages by ``seq``, memories by ``ref`` (their position,
   from 1), so that export, import into a new scope and export again give the same
   document apart from the scope's name. Vectors are left out (they are the embedding
@@ -57,10 +60,13 @@ def export_scope(conn: Connection, scope_id: int) -> dict[str, Any]:
     seq_of: dict[int, int] = {}
     for row in conn.execute(
         "SELECT id, seq, thread, role, speaker, content, raw, fingerprint, seen_at, state,"
-        " request_id, undone_at FROM messages WHERE scope_id = ? ORDER BY seq",
+        " request_id, undone_at, private FROM messages WHERE scope_id = ? ORDER BY seq",
         (scope_id,),
     ):
         seq_of[row[0]] = row[1]
+        # The key only where true: a document without private messages is the same as
+        # before they existed (and older versions still import it).
+        private = {"private": True} if row[12] else {}
         messages.append(
             {
                 "seq": row[1],
@@ -74,6 +80,7 @@ def export_scope(conn: Connection, scope_id: int) -> dict[str, Any]:
                 "state": row[9],
                 "request_id": row[10],
                 "undone_at": row[11],
+                **private,
             }
         )
     sources: dict[int, list[int]] = {}
@@ -146,17 +153,22 @@ def export_scope(conn: Connection, scope_id: int) -> dict[str, Any]:
 def check_document(doc: dict[str, Any]) -> None:
     """Refuse a document whose parts do not fit together (before anything is written):
     its format, duplicate seqs or refs, sources, ``superseded_by`` or the style's
-    message naming what the document does not hold, more than one active summary."""
+    message naming what the document does not hold, more than one active summary, a
+    private message without its fingerprint."""
     if _get(doc, "format", FORMAT) != FORMAT or _get(doc, "version", VERSION) != VERSION:
         raise ValueError(
             f"not a {FORMAT} document of version {VERSION} "
             f"(format {doc.get('format')!r}, version {doc.get('version')!r})"
         )
     seqs: set[int] = set()
-    for seq in _seqs(doc.get("messages") or []):
+    messages = doc.get("messages") or []
+    for seq, message in zip(_seqs(messages), messages, strict=True):
         if seq in seqs:
             raise ValueError(f"message seq {seq} appears twice in the document")
         seqs.add(seq)
+        if message.get("private") and not message.get("fingerprint"):
+            # Without its text, the fingerprint is all that a private message is.
+            raise ValueError(f"private message {seq} has no fingerprint")
     memories = doc.get("memories") or []
     refs = _refs(memories)
     if len(set(refs)) != len(refs):
@@ -277,28 +289,31 @@ def restore_messages(
     plan: ImportPlan,
     now: float,
 ) -> dict[int, int]:
-    """Insert messages of the document as they were; return {document seq: new id}."""
+    """Insert messages of the document as they were; return {document seq: new id}.
+    A private message keeps no text even if the document gives it some."""
     ids: dict[int, int] = {}
     for seq, message in zip(seqs, messages, strict=True):
+        private = bool(message.get("private"))
         raw = message.get("raw") or {"role": message["role"], "content": message["content"]}
         state = _get(message, "state", "active")
         ids[seq] = conn.execute(
             "INSERT INTO messages (scope_id, seq, role, speaker, content, raw, fingerprint,"
-            " seen_at, state, request_id, undone_at, thread)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " seen_at, state, request_id, undone_at, thread, private)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 scope_id,
                 seq + plan.seq_offset,
                 message["role"],
-                message.get("speaker"),
-                message["content"],
-                json.dumps(raw, ensure_ascii=False),
+                None if private else message.get("speaker"),
+                "" if private else message["content"],
+                "{}" if private else json.dumps(raw, ensure_ascii=False),
                 message.get("fingerprint") or message_fingerprint(raw),
                 _get(message, "seen_at", now),
                 state,
                 message.get("request_id"),
                 _get(message, "undone_at", now if state == "undone" else None),
                 _get(message, "thread", 0) + plan.thread_offset,
+                int(private),
             ),
         ).lastrowid
     return ids
@@ -618,7 +633,7 @@ def _capture_style(conn: Connection, scope_id: int, now: float) -> None:
         return
     row = conn.execute(
         "SELECT id, content FROM messages WHERE scope_id = ? AND role = 'assistant'"
-        " AND state = 'active' AND trim(content) != '' ORDER BY seq LIMIT 1",
+        " AND state = 'active' AND private = 0 AND trim(content) != '' ORDER BY seq LIMIT 1",
         (scope_id,),
     ).fetchone()
     if row:

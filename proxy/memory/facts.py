@@ -117,7 +117,7 @@ def queue_extract(
     ids = [
         row.id
         for row in records.get_messages(conn, scope_id, ids=message_ids)
-        if row.role in ("user", "assistant") and row.content.strip()
+        if row.role in ("user", "assistant") and not row.private and row.content.strip()
     ]
     return [
         jobs.enqueue(conn, EXTRACT_JOB, {"message_ids": batch, **target}, scope_id, now)
@@ -294,13 +294,13 @@ def _load_input(conn: Connection, scope_id: int, ids: list[int], context: int) -
     new = [
         m
         for m in records.get_messages(conn, scope_id, ids=ids)
-        if m.role in ("user", "assistant") and m.content.strip()
+        if m.role in ("user", "assistant") and not m.private and m.content.strip()
     ]
     if not new or context <= 0:
         return ExtractInput(new, [])
     before = conn.execute(
         "SELECT id FROM messages WHERE scope_id = ? AND state != 'undone' AND seq < ?"
-        " AND role IN ('user', 'assistant') ORDER BY seq DESC LIMIT ?",
+        " AND role IN ('user', 'assistant') AND private = 0 ORDER BY seq DESC LIMIT ?",
         (scope_id, new[0].seq, context),
     ).fetchall()
     return ExtractInput(new, records.get_messages(conn, scope_id, ids=[r[0] for r in before]))

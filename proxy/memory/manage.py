@@ -192,7 +192,7 @@ def _settings(conn: Connection, scope_id: int) -> dict[str, Any]:
 # -- transcript ---------------------------------------------------------------------
 
 _TRANSCRIPT_COLS = (
-    "id, seq, thread, role, speaker, content, state, seen_at, request_id, undone_at, raw"
+    "id, seq, thread, role, speaker, content, state, seen_at, request_id, undone_at, private, raw"
 )
 
 
@@ -208,7 +208,9 @@ def transcript(
 ) -> dict[str, Any]:
     """The scope's messages as stored, in order, with their state and chat (thread).
 
-    Page with ``after_seq`` (the ``next_after`` of the previous page).
+    A private message (``X-Memory-Write: off``) shows as a placeholder: ``private``
+    true, empty content (the store has no more). Page with ``after_seq`` (the
+    ``next_after`` of the previous page).
     """
     states = list(states)
     where = [f"scope_id = ? AND state IN ({records.placeholders(states)})"]
@@ -228,6 +230,7 @@ def transcript(
     messages = []
     for r in rows:
         view = dict(zip(_TRANSCRIPT_COLS.split(", ")[:-1], r[:-1], strict=True))
+        view["private"] = bool(view["private"])
         if raw:
             view["raw"] = json.loads(r[-1])
         messages.append(view)

@@ -319,12 +319,26 @@ def m005_memory_changes(conn: Connection) -> None:
     )
 
 
+def m006_private_messages(conn: Connection) -> None:
+    """Mark messages of an `X-Memory-Write: off` exchange `private`: they are stored
+    without their text (content '', raw '{}'), only for the transcript to recognise them
+    when the app sends them again, and nothing reads them for memory (before this, such
+    an exchange left no trace and the next request stored it as new messages)."""
+    _execute_script(
+        conn,
+        """
+        ALTER TABLE messages ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
+        """,
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     m001_initial,
     m002_chat_threads,
     m003_pinned_index,
     m004_memory_ids_not_reused,
     m005_memory_changes,
+    m006_private_messages,
 )
 
 

@@ -6,6 +6,14 @@ prepared). Then, atomically: undone messages are retracted with the memories tha
 came only from them, new messages and the reply are appended, each becomes one or more
 `turn` memories, an `embed` job is queued for the worker, the style sample is captured
 if the scope has none, and the request log entry is written.
+
+A turn asked not to be remembered (`X-Memory-Write: off`, `Write.PRIVATE`) is aligned
+and undoes like any other, but its new messages and reply are stored as *private*
+placeholders: role, fingerprint and place in the chat, no text, no memories. The app
+sends them again with the next requests, and alignment must know them, or they would
+be stored then as new messages after all. A message identical to a private one of the
+scope stays private wherever it comes back (a swipe brought back, an edit above it, a
+continue of it): privacy errs on the side of forgetting.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from proxy.memory import jobs, records
@@ -27,6 +36,18 @@ if TYPE_CHECKING:
 
 EMBED_JOB = "embed"
 CHUNK_CHARS = 800  # ~200 tokens: all-MiniLM-L6-v2 reads at most 256
+
+
+class Write(Enum):
+    """What a chat request stores of its exchange."""
+
+    ALL = "all"  # an ordinary turn: messages, memories, background jobs
+    # `X-Memory-Write: off`: the exchange is part of the chat, but private: its messages
+    # are stored without their text (for alignment only), and nothing else is.
+    PRIVATE = "private"
+    # Not part of the chat (an app's utility call, a scope with memory off): the
+    # transcript is not touched; the request log entry only.
+    NOTHING = "nothing"
 
 
 @dataclass(frozen=True)
@@ -47,7 +68,7 @@ class Turn:
     # The log entry's date: when the proxy handled the request, by the clock (retention
     # and paging compare it with the clock); None: `now`. `now` goes into the entry.
     logged_at: float | None = None
-    remember: bool = True  # False: log only (X-Memory-Write: off, utility calls)
+    write: Write = Write.ALL
     background: TurnJobs | None = None  # background LLM jobs to queue (facts, summary)
 
 
@@ -68,7 +89,7 @@ class Recorded:
 def record_turn(conn: Connection, turn: Turn) -> Recorded:
     """Apply `turn` (run it with `Store.write`)."""
     result = Recorded()
-    if turn.remember:
+    if turn.write is not Write.NOTHING:
         result = _remember(conn, turn)
     if turn.log is not None:
         detail = {**turn.log, "now": turn.now, "recorded": _summary(result)}
@@ -84,6 +105,7 @@ def transcript_index(conn: Connection, scope_id: int) -> TranscriptIndex:
 
 
 def _remember(conn: Connection, turn: Turn) -> Recorded:
+    sent = turn.messages
     turn = _continued(turn)
     index = transcript_index(conn, turn.scope_id)
     stored = index.stored
@@ -93,16 +115,17 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         drop_undone_style(conn, turn.scope_id, set(alignment.undone))
 
     reused_at = _reused_dates(conn, turn.scope_id, alignment.reuses)
+    private = _still_private(conn, turn, sent, alignment.new)
     rows: list[records.NewMessage] = []
     for index in alignment.new:
         message = turn.messages[index]
-        rows.append(_new_message(message, turn, reused_at.get(index, turn.now), "active"))
+        seen_at = reused_at.get(index, turn.now)
+        rows.append(_new_message(message, turn, seen_at, "active", index in private))
     if turn.reply is not None and (
         without_reasoning(message_text(turn.reply)) or turn.reply.get("tool_calls")
     ):
-        rows.append(
-            _new_message(turn.reply, turn, turn.now, "partial" if turn.partial else "active")
-        )
+        state = "partial" if turn.partial else "active"
+        rows.append(_new_message(turn.reply, turn, turn.now, state, turn.write is Write.PRIVATE))
     thread = alignment.thread
     if thread is None:
         thread = records.new_thread(conn, turn.scope_id)
@@ -114,7 +137,10 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         capture_style(conn, turn.scope_id, turn.now)
     queued: list[int] = []
     if turn.background is not None:
-        queued = turn.background.queue(conn, turn.scope_id, alignment, ids, retracted)
+        hidden = [i for i, row in zip(ids, rows, strict=True) if row.private]
+        queued = turn.background.queue(
+            conn, turn.scope_id, alignment, ids, retracted, private=hidden
+        )
 
     undone = set(alignment.undone)
     transcript = TranscriptIndex(
@@ -133,6 +159,24 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         jobs=tuple(queued),
         transcript=transcript,
     )
+
+
+def _still_private(
+    conn: Connection, turn: Turn, sent: Sequence[dict[str, Any]], new: Sequence[int]
+) -> set[int]:
+    """The request indices among `new` to store as private messages: all of them in a
+    private turn; else those identical to a private message of the scope, as sent or as
+    `_continued` made them (a private reply continued is private as a whole)."""
+    if turn.write is Write.PRIVATE:
+        return set(new)
+    if not new:
+        return set()
+    fingerprints = {
+        index: {message_fingerprint(turn.messages[index]), message_fingerprint(sent[index])}
+        for index in new
+    }
+    known = records.private_fingerprints(conn, turn.scope_id, set().union(*fingerprints.values()))
+    return {index for index, fps in fingerprints.items() if fps & known}
 
 
 def _continued(turn: Turn) -> Turn:
@@ -174,7 +218,8 @@ def store_messages(
     now: float,
 ) -> tuple[list[int], list[int]]:
     """Append messages to chat `thread`, make each a `turn` memory (cut into pieces
-    the embedding model can read whole) and queue their embedding.
+    the embedding model can read whole) and queue their embedding. A private message
+    has no text and makes no memory.
 
     The one write path of transcript messages: live turns and imports both use it.
     Returns the message ids and the memory ids.
@@ -191,7 +236,7 @@ def store_messages(
             sources=(message_id,),
         )
         for message_id, row in zip(ids, rows, strict=True)
-        if row.role in ("user", "assistant")
+        if row.role in ("user", "assistant") and not row.private
         for chunk in split_text(row.content)
     ]
     memory_ids = records.insert_memories(conn, memories, now)
@@ -207,11 +252,24 @@ def new_message(
     char: str | None = None,
     user: str | None = None,
     state: str = "active",
+    private: bool = False,
 ) -> records.NewMessage:
     """A transcript row for a chat message; the speaker is its `name`, else the
     character's or the user's name by role. An assistant's reasoning is left out of
-    its content (and so of its memories); `raw` keeps the message as it came."""
+    its content (and so of its memories); `raw` keeps the message as it came.
+
+    A `private` row keeps only the role and the fingerprint (alignment's need): no
+    content, raw or speaker."""
     role = message.get("role", "user")
+    if private:
+        return records.NewMessage(
+            role=role,
+            content="",
+            fingerprint=message_fingerprint(message),
+            seen_at=seen_at,
+            state=state,
+            private=True,
+        )
     content = message_text(message)
     if role == "assistant":
         content = without_reasoning(content)
@@ -230,9 +288,11 @@ def new_message(
 
 
 def _new_message(
-    message: dict[str, Any], turn: Turn, seen_at: float, state: str
+    message: dict[str, Any], turn: Turn, seen_at: float, state: str, private: bool = False
 ) -> records.NewMessage:
-    return new_message(message, seen_at=seen_at, char=turn.char, user=turn.user, state=state)
+    return new_message(
+        message, seen_at=seen_at, char=turn.char, user=turn.user, state=state, private=private
+    )
 
 
 def _reused_dates(

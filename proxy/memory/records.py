@@ -79,6 +79,9 @@ class NewMessage:
     raw: dict[str, Any] = field(default_factory=dict)
     speaker: str | None = None
     state: str = "active"  # or 'partial': a reply cut short
+    # Of an `X-Memory-Write: off` exchange: stored for alignment only (see m006); the
+    # caller leaves content, raw and speaker empty.
+    private: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,7 @@ class MessageRow:
     state: str
     request_id: str | None
     undone_at: float | None
+    private: bool = False  # content, raw and speaker are empty: never read it for memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,12 +276,12 @@ def delete_scope_if_empty(conn: Connection, scope_id: int) -> bool:
 
 _MESSAGE_COLS = (
     "id, scope_id, seq, role, speaker, content, raw, fingerprint, seen_at, state,"
-    " request_id, undone_at"
+    " request_id, undone_at, private"
 )
 
 
 def _message(row: tuple[Any, ...]) -> MessageRow:
-    return MessageRow(*row[:6], json.loads(row[6]), *row[7:])
+    return MessageRow(*row[:6], json.loads(row[6]), *row[7:12], bool(row[12]))
 
 
 def active_transcript(conn: Connection, scope_id: int) -> list[TranscriptEntry]:
@@ -305,9 +309,12 @@ def append_messages(
     for offset, msg in enumerate(rows, start=1):
         if msg.state not in ("active", "partial"):
             raise ValueError(f"a new message is 'active' or 'partial', not {msg.state!r}")
+        if msg.private and (msg.content or msg.raw or msg.speaker):
+            raise ValueError("a private message is stored without its text")
         cursor = conn.execute(
             "INSERT INTO messages (scope_id, seq, role, speaker, content, raw, fingerprint,"
-            " seen_at, state, request_id, thread) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " seen_at, state, request_id, thread, private)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 scope_id,
                 last + offset,
@@ -320,6 +327,7 @@ def append_messages(
                 msg.state,
                 request_id,
                 thread,
+                int(msg.private),
             ),
         )
         ids.append(cursor.lastrowid)
@@ -392,6 +400,21 @@ def messages_by_fingerprint(
         )
         for fingerprint, message_id in rows:
             found.setdefault(fingerprint, []).append(message_id)
+    return found
+
+
+def private_fingerprints(conn: Connection, scope_id: int, fingerprints: Iterable[str]) -> set[str]:
+    """Those of ``fingerprints`` that a private message of the scope has (any state)."""
+    found: set[str] = set()
+    for chunk in chunked(set(fingerprints)):
+        found.update(
+            r[0]
+            for r in conn.execute(
+                f"SELECT DISTINCT fingerprint FROM messages WHERE scope_id = ?"
+                f" AND fingerprint IN ({placeholders(chunk)}) AND private = 1",
+                (scope_id, *chunk),
+            )
+        )
     return found
 
 

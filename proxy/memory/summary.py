@@ -64,12 +64,13 @@ class Batch:
 
 
 def out_of_window(conn: Connection, scope_id: int, window_seq: int) -> int:
-    """Live user/assistant messages before `window_seq` that the summary does not cover."""
+    """Live user/assistant messages before `window_seq` that the summary does not cover
+    (private ones never go into a summary: they do not count)."""
     current = scope_state.current_summary(conn, scope_id)
     covered = current.covers_until_seq if current else 0
     return conn.execute(
         "SELECT count(*) FROM messages WHERE scope_id = ? AND state != 'undone'"
-        " AND role IN ('user', 'assistant') AND seq > ? AND seq < ?",
+        " AND role IN ('user', 'assistant') AND private = 0 AND seq > ? AND seq < ?",
         (scope_id, covered, window_seq),
     ).fetchone()[0]
 
@@ -270,13 +271,14 @@ def _fit(messages: list[MessageRow], limit: int) -> list[MessageRow]:
 
 def next_batch(conn: Connection, scope_id: int, until_seq: int, max_chars: int) -> Batch:
     """The summary now, and the uncovered live messages up to `until_seq` that fit in
-    `max_chars` (at least one; the prompt cuts one that alone is longer)."""
+    `max_chars` (at least one; the prompt cuts one that alone is longer). Private
+    messages (`X-Memory-Write: off`) are never summarized."""
     base = scope_state.current_summary(conn, scope_id)
     after = base.covers_until_seq if base else 0
     rows = [
         m
         for m in records.get_messages(conn, scope_id, after_seq=after, until_seq=until_seq)
-        if m.role in ("user", "assistant") and m.content.strip()
+        if m.role in ("user", "assistant") and not m.private and m.content.strip()
     ]
     batch: list[MessageRow] = []
     used = 0
@@ -349,7 +351,8 @@ def _archive(conn: Connection, scope_id: int, version: SummaryRow, now: float) -
     after = int(version.meta.get("after_seq", version.covers_until_seq))
     rows = conn.execute(
         "SELECT id, seen_at FROM messages WHERE scope_id = ? AND state != 'undone'"
-        " AND role IN ('user', 'assistant') AND seq > ? AND seq <= ? ORDER BY seq",
+        " AND role IN ('user', 'assistant') AND private = 0 AND seq > ? AND seq <= ?"
+        " ORDER BY seq",
         (scope_id, after, version.covers_until_seq),
     ).fetchall()
     at = rows[-1][1] if rows else version.created_at

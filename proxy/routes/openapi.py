@@ -216,6 +216,12 @@ class DocMessage(_In):
     state: Literal["active", "partial", "undone"] = "active"
     request_id: str | None = None
     undone_at: float | None = Field(None, ge=0, le=MAX_DATE)
+    private: bool = Field(
+        False,
+        strict=True,
+        description="Of an X-Memory-Write: off exchange: kept without its text (content, "
+        "raw and speaker are ignored), known by its fingerprint, which it needs.",
+    )
 
 
 class DocMemory(_In):
@@ -327,6 +333,10 @@ class MessageOut(_Out):
     seen_at: float
     request_id: str | None
     undone_at: float | None
+    private: bool = Field(
+        description="Of an X-Memory-Write: off exchange: stored without its text (content "
+        "is empty), only so that the app's next requests are recognised."
+    )
     raw: dict[str, Any] | None = None
 
 

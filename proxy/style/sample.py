@@ -18,7 +18,8 @@ from proxy.memory.db import Connection
 
 
 def capture_style(conn: Connection, scope_id: int, now: float) -> bool:
-    """Capture the scope's first assistant message as its sample, if it has none yet.
+    """Capture the scope's first assistant message as its sample, if it has none yet
+    (never a private one: it has no text to show).
 
     Returns True when a sample was captured. Run it on the writer (in `Store.write`).
     """
@@ -26,7 +27,7 @@ def capture_style(conn: Connection, scope_id: int, now: float) -> bool:
         return False
     row = conn.execute(
         "SELECT id, content FROM messages WHERE scope_id = ? AND role = 'assistant'"
-        " AND state = 'active' AND trim(content) != '' ORDER BY seq LIMIT 1",
+        " AND state = 'active' AND private = 0 AND trim(content) != '' ORDER BY seq LIMIT 1",
         (scope_id,),
     ).fetchone()
     if row is None:
