@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -69,14 +70,16 @@ class ChatCompletions:
         sending = plan.body
         if sending is None and route.model != body.get("model"):
             sending = {**body, "model": route.model}
-        # Untouched, the request goes on as it came: unknown fields byte for byte.
-        outgoing = raw if sending is None else json.dumps(sending, ensure_ascii=False).encode()
+
+        def plain() -> bytes:  # untouched, the request goes on as it came, byte for byte
+            return raw if sending is None else json.dumps(sending, ensure_ascii=False).encode()
+
         # A stream reports usage only when asked; calibrating the budget needs it.
-        fallback = None
+        asking = None
         if plan.wants_usage and state.pool.takes_stream_options(route.upstream):
             asking = _asking_usage(body if sending is None else sending)
-            if asking is not None:
-                fallback, outgoing = outgoing, json.dumps(asking, ensure_ascii=False).encode()
+        fallback = None if asking is None else plain
+        outgoing = plain() if asking is None else json.dumps(asking, ensure_ascii=False).encode()
         # The user's request holds its upstream: background jobs there wait or give way.
         with state.gate.user(route.upstream.name):
             try:
@@ -103,11 +106,11 @@ class ChatCompletions:
         route: Route,
         headers: dict[str, str],
         outgoing: bytes,
-        fallback: bytes | None,
+        fallback: Callable[[], bytes] | None,
     ) -> tuple[UpstreamResponse, bool]:
         """Send the request upstream; the caller closes the response it returns.
 
-        `fallback` is the request without the `stream_options` we added to `outgoing`:
+        `fallback` makes the request without the `stream_options` we added to `outgoing`:
         an upstream that refuses those (400/422) gets it at once, and the client sees
         only that answer. Returns the response, and whether it is to our stream_options.
         """
@@ -121,7 +124,7 @@ class ChatCompletions:
         status = response.status_code
         await response.aclose()
         response = await state.pool.send(
-            upstream, "POST", "chat/completions", headers=forwarded, content=fallback
+            upstream, "POST", "chat/completions", headers=forwarded, content=fallback()
         )
         # Only when the plain request went through was the refusal about our field.
         if response.status_code < 400 and state.pool.refuse_stream_options(upstream):
