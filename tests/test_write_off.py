@@ -113,7 +113,10 @@ def test_a_write_off_exchange_carried_on_is_never_stored_shown_or_exported(
     history = [("user", "We set out from Riverrun at dawn.")]
     send(proxy, up, "w", history, "Mira shoulders her pack.")
     history += [("assistant", "Mira shoulders her pack."), ("user", SECRET)]
-    send(proxy, up, "w", history, SECRET_REPLY, OFF)
+    off = send(proxy, up, "w", history, SECRET_REPLY, OFF)
+    logged = api(proxy, "GET", f"/requests/{off.headers['x-memory-request-id']}")
+    assert logged["detail"]["private"] is True  # the log says why, not what was said
+    assert "blue stone" not in json.dumps(logged)
     after_off = transcript_of(db, "w")
     private = [r for r in after_off if r.private]
     # Stored, so that the next request knows it; but without a word of it.

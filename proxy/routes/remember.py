@@ -544,6 +544,9 @@ class Remember:
                     "usage": reply.usage,
                     "timings": plan.timings,
                 }
+                if plan.write is Write.PRIVATE:  # what was said is kept nowhere
+                    log_entry.pop("messages", None)
+                    log_entry.update(reply=None, private=True)
             except Exception:
                 log.exception("could not build the request log entry of %s", plan.request_id)
         turn = Turn(
