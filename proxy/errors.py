@@ -16,12 +16,17 @@ The tree, written down once:
         └── UpstreamTimeout     504
 
 All of them render as OpenAI's envelope: {"error": {"message", "type", "param", "code"}}.
+An unexpected exception (a bug) answers a bare `ProxyError(INTERNAL_ERROR)`: nothing of
+the exception reaches the client; its traceback goes to the log.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any, ClassVar
+
+# What a client is told of a bug: where to look, never the exception itself.
+INTERNAL_ERROR = "internal error in mnemoproxy; see its log"
 
 
 class ProxyError(Exception):

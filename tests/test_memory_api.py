@@ -416,7 +416,9 @@ def test_summary_show_replace_clear_and_history(
     ]
     chat(proxy, up, "sum", history)
     assert "sailed north" not in str(up.last["messages"])
-    error_of(api(proxy, "DELETE", "/scopes/sum/summary"), 404)
+    # Cleared already: no error (DELETE is idempotent), and nothing more is retracted.
+    assert api(proxy, "DELETE", "/scopes/sum/summary").status_code == 204
+    assert len(ok(api(proxy, "GET", "/scopes/sum/summary/history"))["summaries"]) == 2
 
 
 def test_style_sample_show_replace_switch_off_clear_and_history(
@@ -438,7 +440,9 @@ def test_style_sample_show_replace_switch_off_clear_and_history(
         (GREETING, "auto"),
     ]
     assert all(h["replaced_at"] >= h["updated_at"] for h in history)
-    error_of(api(proxy, "DELETE", "/scopes/sty/style"), 404)
+    # Cleared already: no error (DELETE is idempotent), and the history is unchanged.
+    assert api(proxy, "DELETE", "/scopes/sty/style").status_code == 204
+    assert ok(api(proxy, "GET", "/scopes/sty/style/history"))["history"] == history
 
 
 def test_scene_is_injected_when_set_and_overrides_the_names(

@@ -108,6 +108,7 @@ def test_every_memory_command_against_a_running_proxy(
     cli("summary", "camp", "--set", "Tom told Mira about his sister.")
     assert "Tom told Mira about his sister." in cli("summary", "camp")
     cli("summary", "camp", "--clear")
+    assert "summary cleared" in cli("summary", "camp", "--clear")  # none left: no error
     assert "no summary" in cli("summary", "camp")
     assert "retracted" in cli("summary", "camp", "--history")
     assert GREETING in cli("style", "camp")

@@ -34,8 +34,9 @@ from typing import Any
 
 from proxy.memory import jobs, records, scope_state
 from proxy.memory.db import Connection
+from proxy.memory.errors import Invalid, Missing, Refused
 from proxy.memory.importers import Card, ParsedChat, card_placeholders
-from proxy.memory.manage import Missing, Refused, has_messages, scene_view, set_style
+from proxy.memory.manage import has_messages, scene_view, set_style
 from proxy.memory.record import EMBED_JOB, new_message, store_messages
 from proxy.memory.store import Store
 from proxy.memory.transcript import message_fingerprint
@@ -154,56 +155,81 @@ def check_document(doc: dict[str, Any]) -> None:
     """Refuse a document whose parts do not fit together (before anything is written):
     its format, duplicate seqs or refs, sources, ``superseded_by`` or the style's
     message naming what the document does not hold, more than one active summary, a
-    private message without its fingerprint."""
-    if _get(doc, "format", FORMAT) != FORMAT or _get(doc, "version", VERSION) != VERSION:
-        raise ValueError(
-            f"not a {FORMAT} document of version {VERSION} "
-            f"(format {doc.get('format')!r}, version {doc.get('version')!r})"
-        )
+    private message without its fingerprint. `Invalid` names the field at fault as the
+    API's validation does (``memories.2.sources``)."""
+    for key, expected in (("format", FORMAT), ("version", VERSION)):
+        if _get(doc, key, expected) != expected:
+            raise Invalid(
+                f"not a {FORMAT} document of version {VERSION} "
+                f"(format {doc.get('format')!r}, version {doc.get('version')!r})",
+                param=key,
+            )
     seqs: set[int] = set()
     messages = doc.get("messages") or []
-    for seq, message in zip(_seqs(messages), messages, strict=True):
+    for i, (seq, message) in enumerate(zip(_seqs(messages), messages, strict=True)):
         if seq in seqs:
-            raise ValueError(f"message seq {seq} appears twice in the document")
+            raise Invalid(
+                f"message seq {seq} appears twice in the document", param=f"messages.{i}.seq"
+            )
         seqs.add(seq)
         if message.get("private") and not message.get("fingerprint"):
             # Without its text, the fingerprint is all that a private message is.
-            raise ValueError(f"private message {seq} has no fingerprint")
+            raise Invalid(
+                f"private message {seq} has no fingerprint", param=f"messages.{i}.fingerprint"
+            )
     memories = doc.get("memories") or []
     refs = _refs(memories)
-    if len(set(refs)) != len(refs):
-        raise ValueError("a memory ref appears twice in the document")
-    for ref, memory in zip(refs, memories, strict=True):
+    index_of: dict[int, int] = {}
+    for i, ref in enumerate(refs):
+        if index_of.setdefault(ref, i) != i:
+            raise Invalid(
+                f"memory ref {ref} appears twice in the document", param=f"memories.{i}.ref"
+            )
+    for i, (ref, memory) in enumerate(zip(refs, memories, strict=True)):
         missing = [s for s in memory.get("sources") or () if s not in seqs]
         if missing:
-            raise ValueError(f"memory {ref}'s sources {missing} are not messages of the document")
+            raise Invalid(
+                f"memory {ref}'s sources {missing} are not messages of the document",
+                param=f"memories.{i}.sources",
+            )
         later = memory.get("superseded_by")
-        if later is not None and later not in refs:
-            raise ValueError(f"memory {ref} is superseded by {later}, not in the document")
-    _check_supersession(dict(zip(refs, (m.get("superseded_by") for m in memories), strict=True)))
+        if later is not None and later not in index_of:
+            raise Invalid(
+                f"memory {ref} is superseded by {later}, not in the document",
+                param=f"memories.{i}.superseded_by",
+            )
+    _check_supersession(
+        dict(zip(refs, (m.get("superseded_by") for m in memories), strict=True)), index_of
+    )
     style = doc.get("style") or {}
     if style.get("message_seq") is not None and style["message_seq"] not in seqs:
-        raise ValueError(
-            f"style.message_seq {style['message_seq']} is not a message of the document"
+        raise Invalid(
+            f"style.message_seq {style['message_seq']} is not a message of the document",
+            param="style.message_seq",
         )
     summaries = doc.get("summaries") or []
     active = sum(_get(s, "state", "active") == "active" for s in summaries)
     if active > 1:
-        raise ValueError(
+        raise Invalid(
             f"the document has {active} active summaries; a scope has one at most "
-            "(the others are 'archived')"
+            "(the others are 'archived')",
+            param="summaries",
         )
 
 
-def _check_supersession(later_of: dict[int, int | None]) -> None:
-    """Refuse a memory superseded by itself, directly or through others."""
+def _check_supersession(later_of: dict[int, int | None], index_of: dict[int, int]) -> None:
+    """Refuse a memory superseded by itself, directly or through others (`index_of`:
+    each ref's place in the document, to name the field)."""
     settled: set[int] = set()  # refs whose chain ends
     for ref in later_of:
         chain: list[int] = []
         current: int | None = ref
         while current is not None and current not in settled:
             if current in chain:
-                raise ValueError(f"memory {current} is superseded by itself (via {chain})")
+                raise Invalid(
+                    f"memory {current} is superseded by itself (via {chain})",
+                    param=f"memories.{index_of[current]}.superseded_by",
+                )
             chain.append(current)
             current = later_of.get(current)
         settled.update(chain)
@@ -223,7 +249,7 @@ def begin_import(
     conn: Connection, scope_id: int, doc: dict[str, Any], *, append: bool, now: float
 ) -> ImportPlan:
     """Check that the scope may take the document (Refused if it has messages and not
-    ``append``; ValueError if a seq or chat, moved after the scope's own, would pass
+    ``append``; `Invalid` if a seq or chat, moved after the scope's own, would pass
     ``MAX_SEQ``), say where its messages go, and write its last message (highest seq).
 
     That message takes the import's seqs at once: a chat or another import writing to
@@ -262,22 +288,25 @@ def _check_room(doc: dict[str, Any], seqs: Sequence[int], plan: ImportPlan) -> N
     ``MAX_SEQ``: stored, they would export to a document no import takes."""
     last = max(seqs, default=0)
     if last + plan.seq_offset > MAX_SEQ:
-        raise ValueError(
+        raise Invalid(
             f"message seq {last} after the scope's last message ({plan.seq_offset}) would be "
             f"{last + plan.seq_offset}, past {MAX_SEQ}; import into a new scope, or number "
-            "the document's messages from 1"
+            "the document's messages from 1",
+            param=f"messages.{seqs.index(last)}.seq",
         )
     threads = [_get(m, "thread", 0) for m in doc.get("messages") or []]
     if max(threads, default=0) + plan.thread_offset > MAX_SEQ:
-        raise ValueError(
+        raise Invalid(
             f"message thread {max(threads)} after the scope's chats ({plan.thread_offset}) "
-            f"would pass {MAX_SEQ}; import into a new scope"
+            f"would pass {MAX_SEQ}; import into a new scope",
+            param=f"messages.{threads.index(max(threads))}.thread",
         )
     covers = [_get(s, "covers_until_seq", 0) for s in doc.get("summaries") or []]
     if max(covers, default=0) + plan.seq_offset > MAX_SEQ:
-        raise ValueError(
+        raise Invalid(
             f"summary covers_until_seq {max(covers)} after the scope's last message "
-            f"({plan.seq_offset}) would pass {MAX_SEQ}; import into a new scope"
+            f"({plan.seq_offset}) would pass {MAX_SEQ}; import into a new scope",
+            param=f"summaries.{covers.index(max(covers))}.covers_until_seq",
         )
 
 

@@ -6,9 +6,11 @@ JSON-ready dicts that the HTTP routes send as they are and the CLI prints. Like
 ``proxy.memory.records``, every function is confined to the ``scope_id`` it is given:
 the caller resolved that scope for its owner first.
 
-Two errors, both with a message fit for the user: ``Missing`` (the thing asked for is
-not there: 404 over HTTP) and ``Refused`` (it is there, but its state forbids the
-change: 409).
+Three errors, each with a message fit for the user (``proxy.memory.errors``):
+``Invalid`` (the input is wrong: 400 over HTTP, naming the field), ``Missing`` (the
+thing asked for is not there: 404) and ``Refused`` (it is there, but its state forbids
+the change: 409). Clearing what a scope has none of (its summary, style sample or
+scene) is no error: it is already as asked.
 
 Per-scope settings live in ``scopes.settings`` (JSON): ``enabled`` (memory on/off),
 ``style`` (style sample on/off), ``llm`` (background summaries, facts and insights
@@ -31,6 +33,7 @@ from typing import Any
 from proxy.memory import jobs, records, scope_state
 from proxy.memory.db import Connection
 from proxy.memory.embed import CachedEmbedder
+from proxy.memory.errors import Invalid, Missing, Refused
 from proxy.memory.facts import restore_superseded
 from proxy.memory.rank import Weights, rank
 from proxy.memory.recall import find_candidates
@@ -44,14 +47,6 @@ SETTING_KEYS = ("enabled", "style", "llm")
 SCENE_KEYS = ("character", "location", "user", "char_name", "user_name")
 MEMORY_STATES = ("active", "retracted", "superseded")
 STYLE_HISTORY_KEEP = 20
-
-
-class Missing(LookupError):
-    """What was asked for does not exist (in this scope)."""
-
-
-class Refused(Exception):
-    """The change conflicts with the current state (a retracted memory, a taken name)."""
 
 
 # -- scopes -----------------------------------------------------------------------
@@ -155,7 +150,10 @@ def update_settings(conn: Connection, scope_id: int, changes: dict[str, bool]) -
     """Set some of the switches (``enabled``, ``style``, ``llm``); return them all."""
     unknown = set(changes) - set(SETTING_KEYS)
     if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; known: {list(SETTING_KEYS)}")
+        raise Invalid(
+            f"unknown settings {sorted(unknown)}; known: {list(SETTING_KEYS)}",
+            param=min(unknown),
+        )
     return settings_view(records.update_scope_settings(conn, scope_id, dict(changes)))
 
 
@@ -171,7 +169,10 @@ def set_scene(
     """Replace the scene, or merge ``values`` into it (None or "" removes a key)."""
     unknown = set(values) - set(SCENE_KEYS)
     if unknown:
-        raise ValueError(f"unknown scene keys {sorted(unknown)}; known: {list(SCENE_KEYS)}")
+        raise Invalid(
+            f"unknown scene keys {sorted(unknown)}; known: {list(SCENE_KEYS)}",
+            param=min(unknown),
+        )
     current = {} if replace else scene_view(_settings(conn, scope_id))
     for key, value in values.items():
         if value is None or not value.strip():
@@ -303,7 +304,7 @@ def add_note(
     """Add a note by hand (pinned: shown on every turn) and queue its embedding."""
     text = text.strip()
     if not text:
-        raise ValueError("a note needs some text")
+        raise Invalid("a note needs some text", param="text")
     (memory_id,) = records.insert_memories(
         conn,
         [
@@ -352,7 +353,7 @@ def edit_memory(
     if text is not None:
         text = text.strip()
         if not text:
-            raise ValueError("a memory's text cannot be empty")
+            raise Invalid("a memory's text cannot be empty", param="text")
         if text != row.text:
             records.update_memory_text(conn, scope_id, memory_id, text)
             jobs.enqueue(conn, EMBED_JOB, {"memory_ids": [memory_id]}, scope_id, now)
@@ -392,7 +393,7 @@ async def search(
     candidates: they are always shown.
     """
     if not query.strip():  # its vector would match everything a little
-        raise ValueError("q: a search needs something to look for, not only whitespace")
+        raise Invalid("q: a search needs something to look for, not only whitespace", param="q")
     now = time.time() if now is None else now
     vector = None
     mode = "keyword"
@@ -454,7 +455,7 @@ def set_summary(
     """
     text = text.strip()
     if not text:
-        raise ValueError("a summary needs some text; to remove it, clear it")
+        raise Invalid("a summary needs some text; to remove it, clear it", param="text")
     last = conn.execute(
         "SELECT coalesce(max(seq), 0) FROM messages WHERE scope_id = ?", (scope_id,)
     ).fetchone()[0]
@@ -463,19 +464,22 @@ def set_summary(
         covers_until_seq = current.covers_until_seq if current is not None else last
     elif covers_until_seq > last:
         # Past the transcript, no message would ever be left to summarize after it.
-        raise ValueError(f"covers_until_seq {covers_until_seq} is past the last message ({last})")
+        raise Invalid(
+            f"covers_until_seq {covers_until_seq} is past the last message ({last})",
+            param="covers_until_seq",
+        )
     scope_state.save_summary(conn, scope_id, text, covers_until_seq, now, {"source": "manual"})
     return get_summary(conn, scope_id)
 
 
-def clear_summary(conn: Connection, scope_id: int) -> None:
-    """Retract the active summary, leaving none (it stays in the history)."""
+def clear_summary(conn: Connection, scope_id: int) -> bool:
+    """Retract the active summary, leaving none (it stays in the history); False when
+    there was none (the scope is then already as asked: no error)."""
     changed = conn.execute(
         "UPDATE summaries SET state = 'retracted' WHERE scope_id = ? AND state = 'active'",
         (scope_id,),
     ).rowcount
-    if not changed:
-        raise Missing("this scope has no summary")
+    return bool(changed)
 
 
 def summary_history(conn: Connection, scope_id: int, limit: int = 50) -> dict[str, Any]:
@@ -505,18 +509,20 @@ def set_style(conn: Connection, scope_id: int, text: str, *, now: float) -> dict
     """Replace the style sample by hand (automatic capture never overrides it)."""
     text = text.strip()
     if not text:
-        raise ValueError("a style sample needs some text; to remove it, clear it")
+        raise Invalid("a style sample needs some text; to remove it, clear it", param="text")
     _remember_style(conn, scope_id, now)
     scope_state.set_style(conn, scope_id, text, "manual", now)
     return get_style(conn, scope_id)
 
 
-def clear_style(conn: Connection, scope_id: int, *, now: float) -> None:
-    """Remove the style sample (it stays in the history). The next reply in the scope
-    may capture a new one automatically; turn ``style`` off to have none."""
+def clear_style(conn: Connection, scope_id: int, *, now: float) -> bool:
+    """Remove the style sample (it stays in the history); False when there was none
+    (no error: the scope is already as asked). The next reply in the scope may capture
+    a new one automatically; turn ``style`` off to have none."""
     if not _remember_style(conn, scope_id, now):
-        raise Missing("this scope has no style sample")
+        return False
     conn.execute("DELETE FROM style WHERE scope_id = ?", (scope_id,))
+    return True
 
 
 def style_history(conn: Connection, scope_id: int) -> dict[str, Any]:
@@ -589,8 +595,11 @@ def request_cursor(position: jobs.LogPosition) -> str:
 
 
 def parse_request_cursor(cursor: str) -> jobs.LogPosition:
-    """The position a `request_cursor` names; ValueError when it names none."""
+    """The position a `request_cursor` names; `Invalid` (of ``cursor``) when it names
+    none."""
     created_at, _, rowid = cursor.partition(":")
+    # float() and int() raise ValueError for what is no number: here that is the
+    # caller's input, said as `Invalid` below.
     with contextlib.suppress(ValueError):
         if "_" in cursor:  # float() and int() take "1_000": no cursor we give out has one
             raise ValueError(cursor)
@@ -598,7 +607,9 @@ def parse_request_cursor(cursor: str) -> jobs.LogPosition:
         # Within SQLite's integers: a larger rowid failed in the query, as a 500.
         if 0 <= position.created_at < math.inf and 0 <= position.rowid < 2**63:
             return position
-    raise ValueError(f"not a cursor of the request log: {cursor!r} (pass next_cursor back)")
+    raise Invalid(
+        f"not a cursor of the request log: {cursor!r} (pass next_cursor back)", param="cursor"
+    )
 
 
 def get_request(conn: Connection, owner: str | None, request_id: str) -> dict[str, Any]:

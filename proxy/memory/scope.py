@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from proxy.memory.errors import Invalid
 from proxy.messages import is_conversation, message_text
 
 __all__ = [
@@ -37,8 +38,8 @@ _DOTS = re.compile(r"\.{2,}")
 _SYSTEM_ROLES = ("system", "developer")
 
 
-class InvalidScope(ValueError):
-    """A scope name that cannot be used (the route answers 400)."""
+class InvalidScope(Invalid):
+    """A scope name that cannot be used (the route answers 400, code "invalid_scope")."""
 
 
 @dataclass(frozen=True)

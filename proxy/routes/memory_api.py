@@ -322,10 +322,7 @@ async def list_requests(call: Call) -> Any:
     if q.cursor is not None:
         if q.before is not None:
             raise BadRequest("give cursor or before, not both", param="cursor")
-        try:
-            before = manage.parse_request_cursor(q.cursor)
-        except ValueError as exc:
-            raise BadRequest(str(exc), param="cursor") from exc
+        before = manage.parse_request_cursor(q.cursor)  # Invalid: a 400 of "cursor"
     return await call.read(manage.list_requests, scope.id, before=before, limit=q.limit)
 
 
@@ -407,6 +404,10 @@ _S = "/scopes/{scope}"
 _CONFLICT = (400, 401, 404, 409, 503)
 _UPLOAD = (400, 401, 404, 409, 413, 503)
 _Q = api.OwnerQuery
+# A scope's summary, style sample and scene are parts of it, not things of their own:
+# clearing one it has none of leaves it as asked (idempotent), where a scope or memory
+# named in the path that does not exist is a 404, the second DELETE of it included.
+_CLEARED = "Cleared; also when the scope had none (it has none now either way)."
 
 OPERATIONS: list[Operation] = [
     Operation(
@@ -486,7 +487,14 @@ OPERATIONS: list[Operation] = [
         response=api.Scene,
     ),
     Operation(
-        "DELETE", f"{_S}/scene", delete_scene, "Clear the scene", "scene", query=_Q, status=204
+        "DELETE",
+        f"{_S}/scene",
+        delete_scene,
+        "Clear the scene",
+        "scene",
+        query=_Q,
+        status=204,
+        done=_CLEARED,
     ),
     Operation(
         "GET",
@@ -593,6 +601,7 @@ OPERATIONS: list[Operation] = [
         "summary",
         query=_Q,
         status=204,
+        done=_CLEARED,
     ),
     Operation(
         "GET",
@@ -630,6 +639,7 @@ OPERATIONS: list[Operation] = [
         "style",
         query=_Q,
         status=204,
+        done=_CLEARED,
     ),
     Operation(
         "GET",

@@ -5,12 +5,18 @@ endpoint: it finds the `MemoryService` (the running proxy's memory layer, or the
 direct one), identifies the caller, validates query and body against the operation's
 models, runs the handler with a `Call`, and answers JSON or an error in OpenAI's
 envelope. Big documents are parsed and rendered off the event loop.
+
+Errors: the memory layer's own (`proxy.memory.errors`: `Invalid`, `Missing`,
+`Refused`) become 400, 404 and 409; any other exception is a bug, whatever its type (a
+`ValueError` from a library too), and answers 500 without a word of it, its traceback
+in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.errors import (
+    INTERNAL_ERROR,
     BadRequest,
     Conflict,
     InvalidScopeName,
@@ -30,8 +37,9 @@ from proxy.errors import (
     ServiceUnavailable,
 )
 from proxy.json_finite import finite_only, loads_finite
-from proxy.memory import manage, records
+from proxy.memory import records
 from proxy.memory.embed import CachedEmbedder
+from proxy.memory.errors import Invalid, Missing, Refused
 from proxy.memory.rank import Weights
 from proxy.memory.records import ScopeRow
 from proxy.memory.scope import InvalidScope, validate_scope_name
@@ -40,6 +48,8 @@ from proxy.routes import openapi as api
 from proxy.routes.auth import Identity
 from proxy.routes.openapi import Operation
 from proxy.routes.remember import Remember
+
+log = logging.getLogger("mnemoproxy.memory_api")
 
 # A scope document or a chat file may be far larger than a chat request.
 IMPORT_BODY_BYTES = 512 * 1024 * 1024
@@ -134,18 +144,27 @@ def endpoint(op: Operation) -> Callable[[Request], Awaitable[Response]]:
 
     async def serve(request: Request) -> Response:
         try:
-            result = await _run(op, request)
+            return await _respond(op, await _run(op, request))
         except ProxyError as exc:
             return JSONResponse(exc.envelope(), status_code=exc.status)
-        if op.response is None:
-            return Response(status_code=op.status)
-        if op.heavy:
-            content = await asyncio.to_thread(_render, result)
-            return Response(content, op.status, media_type="application/json")
-        return JSONResponse(result, status_code=op.status)
+        except Exception:
+            # A bug. Answered here, not by the proxy's middleware, so that the CLI's
+            # direct mode (no middleware) gets the same envelope instead of an exception.
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            error = ProxyError(INTERNAL_ERROR)
+            return JSONResponse(error.envelope(), status_code=error.status)
 
     serve.__name__ = op.handler.__name__
     return serve
+
+
+async def _respond(op: Operation, result: Any) -> Response:
+    if op.response is None:
+        return Response(status_code=op.status)
+    if op.heavy:
+        content = await asyncio.to_thread(_render, result)
+        return Response(content, op.status, media_type="application/json")
+    return JSONResponse(result, status_code=op.status)
 
 
 async def _run(op: Operation, request: Request) -> Any:
@@ -184,15 +203,18 @@ async def _run(op: Operation, request: Request) -> Any:
 
 
 async def _handled(op: Operation, call: Call) -> Any:
-    """`op`'s handler, its errors as the API's."""
+    """`op`'s handler, the memory layer's errors as the API's. Only those: a plain
+    `ValueError` is a bug like any other exception, and goes on to answer 500."""
     try:
         return await op.handler(call)
-    except manage.Missing as exc:
+    except Missing as exc:
         raise NotFound(str(exc)) from exc
-    except manage.Refused as exc:
+    except Refused as exc:
         raise Conflict(str(exc)) from exc
-    except ValueError as exc:  # bad content found deep down (a document's references)
-        raise BadRequest(str(exc)) from exc
+    except InvalidScope as exc:
+        raise InvalidScopeName(str(exc), param=exc.param) from exc
+    except Invalid as exc:  # bad content, found where it could be (a document's references)
+        raise BadRequest(str(exc), param=exc.param) from exc
 
 
 def _service(request: Request) -> MemoryService:

@@ -517,6 +517,8 @@ ERROR_TEXT = {
     409: "The change conflicts with the current state.",
     413: "The body is too large.",
     503: "Memory is switched off in this proxy.",
+    # Any operation may hit a bug: documented on all of them (see `_operation`).
+    500: "Internal error (a bug): the message only points to the proxy's log.",
 }
 
 
@@ -535,6 +537,7 @@ class Operation:
     raw_body: tuple[str, ...] = ()  # media types of a raw upload (a file)
     response: type[BaseModel] | None = None  # None: 204 No Content
     status: int = 200
+    done: str = "Done."  # what a 204 means
     errors: tuple[int, ...] = (400, 401, 404, 503)
     heavy: bool = False  # big documents: parse and render them off the event loop
 
@@ -620,7 +623,7 @@ def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
             },
         }
     if op.response is None:
-        out["responses"][str(op.status)] = {"description": "Done."}
+        out["responses"][str(op.status)] = {"description": op.done}
     else:
         schema = refs[(op.response, "serialization")]
         out["responses"][str(op.status)] = {
@@ -628,7 +631,7 @@ def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
             "content": {"application/json": {"schema": schema}},
         }
     error = {"application/json": {"schema": refs[(ErrorEnvelope, "serialization")]}}
-    for status in op.errors:
+    for status in (*op.errors, 500):
         out["responses"][str(status)] = {"description": ERROR_TEXT[status], "content": error}
     return out
 

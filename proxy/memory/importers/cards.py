@@ -1,7 +1,8 @@
 """Reading a character card (PNG or JSON) into a plain `Card`.
 
-Pure functions: bytes in, a dataclass out, `CardError` (a `ValueError`) when the
-bytes hold no usable card. No Pillow: PNG chunks are walked with `struct` + `zlib`.
+Pure functions: bytes in, a dataclass out, `CardError` (an `Invalid`, so a
+`ValueError`) when the bytes hold no usable card. No Pillow: PNG chunks are walked
+with `struct` + `zlib`.
 
 The formats, as the specs and SillyTavern (`src/character-card-parser.js`) have them:
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.json_finite import loads_finite
+from proxy.memory.errors import Invalid
 
 __all__ = [
     "BookEntry",
@@ -64,7 +66,7 @@ _OTHER_FORMATS = (
 )
 
 
-class CardError(ValueError):
+class CardError(Invalid):
     """The bytes hold no usable character card; the message says why, for a person."""
 
 
@@ -303,7 +305,7 @@ def _text_chunk(kind: str, body: bytes, crc: bytes, offset: int) -> _TextChunk |
         return _TextChunk(keyword, kind, offset, None, "no NUL after the keyword")
     try:
         text = _chunk_text(kind, rest)
-    except ValueError as exc:
+    except CardError as exc:
         return _TextChunk(keyword, kind, offset, None, str(exc))
     return _TextChunk(keyword, kind, offset, text)
 
@@ -313,24 +315,24 @@ def _chunk_text(kind: str, rest: bytes) -> str:
         return rest.decode("latin-1")
     if kind == "zTXt":
         if not rest or rest[0] != 0:
-            raise ValueError("unknown zTXt compression method")
+            raise CardError("unknown zTXt compression method")
         return _inflate(rest[1:]).decode("latin-1")
     # iTXt: flag, method, language tag NUL, translated keyword NUL, UTF-8 text.
     if len(rest) < 2:
-        raise ValueError("iTXt chunk too short")
+        raise CardError("iTXt chunk too short")
     flag, method = rest[0], rest[1]
     parts = rest[2:].split(b"\0", 2)
     if len(parts) != 3:
-        raise ValueError("iTXt chunk without its language and translated-keyword fields")
+        raise CardError("iTXt chunk without its language and translated-keyword fields")
     payload = parts[2]
     if flag:
         if method != 0:
-            raise ValueError("unknown iTXt compression method")
+            raise CardError("unknown iTXt compression method")
         payload = _inflate(payload)
     try:
         return payload.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError("iTXt text is not UTF-8") from None
+        raise CardError("iTXt text is not UTF-8") from None
 
 
 def _inflate(payload: bytes) -> bytes:
@@ -338,11 +340,11 @@ def _inflate(payload: bytes) -> bytes:
     try:
         out = inflater.decompress(payload, MAX_TEXT_BYTES)
     except zlib.error as exc:
-        raise ValueError(f"compressed text is corrupt ({exc})") from None
+        raise CardError(f"compressed text is corrupt ({exc})") from None
     if inflater.unconsumed_tail:
-        raise ValueError(f"compressed text inflates past {MAX_TEXT_BYTES} bytes")
+        raise CardError(f"compressed text inflates past {MAX_TEXT_BYTES} bytes")
     if not inflater.eof:
-        raise ValueError("compressed text is truncated")
+        raise CardError("compressed text is truncated")
     return out
 
 
