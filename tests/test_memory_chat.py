@@ -435,8 +435,13 @@ def test_identical_request_twice_stores_nothing_twice_and_write_off_stores_no_te
     off = {**headers, "X-Memory-Write": "off"}
     chat(proxy, st_body([("user", "Hello there!"), ("assistant", "Hi"), ("user", "Secret")]), off)
     added = transcript_of(tmp_path / "memory.db", "retry-test")[before:]
-    # Kept for alignment only, without a word (tests/test_write_off.py has the rest).
-    assert added and all(r.private and not r.content for r in added)
+    # The app's edit of the earlier (ordinary) reply is that turn's; the exchange itself
+    # is kept for alignment only, without a word (tests/test_write_off.py has the rest).
+    assert [(r.role, r.private, r.content) for r in added] == [
+        ("assistant", False, "Hi"),
+        ("user", True, ""),
+        ("assistant", True, ""),
+    ]
 
 
 def test_scope_from_path_header_user_field_and_invalid_names(

@@ -279,6 +279,84 @@ def test_utility_calls_record_nothing_with_or_without_the_header(
     ]
 
 
+def test_a_private_reply_the_app_sends_back_changed_stays_private(
+    proxy: RunningServer, up: FakeUpstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "memory.db"
+    start = [("user", "We make camp."), ("assistant", "Mira lights the fire.")]
+    send(proxy, up, "c", start[:1], "Mira lights the fire.")
+    history = [*start, ("user", SECRET)]
+    send(proxy, up, "c", history, "*She nods. The blue stone", OFF)
+    # SillyTavern fixes the markdown of the reply it shows, and "Continue" asks for more
+    # its default way: a system nudge after the reply (a utility call: nothing stored).
+    fixed = ("assistant", "*She nods. The blue stone*")
+    nudge = {"role": "system", "content": "[Continue the following message.]"}
+    continued = [*st_messages([*history, fixed]), nudge]
+    send(proxy, up, "c", [], " stays hidden.", OFF, messages=continued)
+    history += [("assistant", fixed[1] + " stays hidden."), ("user", "Shall we sleep?")]
+    send(proxy, up, "c", history, "Mira yawns.")
+    history += [("assistant", "Mira yawns."), ("user", "Good night.")]
+    send(proxy, up, "c", history, "Sleep well.")
+    rows = transcript_of(db, "c")
+    assert not private_text_in(rows, "blue stone", "stays hidden")
+    assert not any("blue stone" in m.text for m in memories_of(db, "c"))
+    assert [(r.private, r.content) for r in live(rows)][-6:] == [
+        (True, ""),
+        (True, ""),
+        (False, "Shall we sleep?"),
+        (False, "Mira yawns."),
+        (False, "Good night."),
+        (False, "Sleep well."),
+    ]
+
+
+def test_the_exchange_is_private_not_what_came_before_it(
+    proxy: RunningServer, up: FakeUpstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "memory.db"
+    # The first message of a new chat, private: the greeting is the character's.
+    send(proxy, up, "g", [("user", SECRET)], SECRET_REPLY, OFF)
+    rows = transcript_of(db, "g")
+    assert [(r.content, r.private) for r in rows] == [(GREETING, False), ("", True), ("", True)]
+    # A turn whose reply never reached the store (the upstream failed), then a private
+    # one: errs on the side of forgetting the user's messages since the last reply.
+    history = [("user", SECRET), ("assistant", SECRET_REPLY), ("user", "Lost message.")]
+    history += [("user", "Another secret.")]
+    send(proxy, up, "g", history, "Hidden too.", OFF)
+    assert not private_text_in(transcript_of(db, "g"), "Lost message", "Another secret")
+
+
+def test_the_request_log_keeps_no_private_text(
+    proxy: RunningServer, up: FakeUpstream, tmp_path: Path
+) -> None:
+    history = [("user", SECRET)]
+    send(proxy, up, "l", history, SECRET_REPLY, OFF)
+    # Later ordinary requests carry the private exchange: their entries keep no messages.
+    history += [("assistant", SECRET_REPLY), ("user", "Onward.")]
+    later = send(proxy, up, "l", history, "Onward we go.")
+    # A utility call with the header stores nothing, and logs no text either.
+    summarize = [*st_messages(history), {"role": "system", "content": SUMMARIZE}]
+    utility = send(proxy, up, "l", history, "A summary.", OFF, messages=summarize)
+    for response in (later, utility):
+        entry = api(proxy, "GET", f"/requests/{response.headers['x-memory-request-id']}")
+        assert entry["detail"]["private"] is True
+        assert "blue stone" not in json.dumps(entry)
+        assert "messages" not in entry["detail"] and entry["detail"]["reply"] is None
+
+
+def test_an_x_memory_write_value_it_cannot_mean_is_refused(
+    proxy: RunningServer, up: FakeUpstream, tmp_path: Path
+) -> None:
+    body = st_body([("user", SECRET)])
+    url = f"{proxy.url}/s/h/v1/chat/completions"
+    refused = httpx.post(url, json=body, headers={"X-Memory-Write": "of"}, timeout=30)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "X-Memory-Write"
+    assert up.chat_requests == []  # nothing went upstream, nothing stored
+    send(proxy, up, "h", [("user", SECRET)], SECRET_REPLY, {"X-Memory-Write": "Disabled"})
+    assert not private_text_in(transcript_of(tmp_path / "memory.db", "h"), "blue stone")
+
+
 def test_a_store_written_before_private_messages_opens_and_carries_on(
     make_proxy: MakeProxy, up: FakeUpstream, tmp_path: Path
 ) -> None:

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.memory import jobs, records
 from proxy.memory.db import Connection
-from proxy.memory.transcript import StoredMessage, TranscriptIndex, align, message_fingerprint
+from proxy.memory.transcript import (
+    Alignment,
+    StoredMessage,
+    TranscriptIndex,
+    align,
+    message_fingerprint,
+)
 from proxy.messages import is_conversation, message_text, without_reasoning
 from proxy.style.sample import capture_style, drop_undone_style
 
@@ -69,6 +75,9 @@ class Turn:
     # and paging compare it with the clock); None: `now`. `now` goes into the entry.
     logged_at: float | None = None
     write: Write = Write.ALL
+    # The request said `X-Memory-Write: off` (a utility call may too): its log entry
+    # keeps no text, whatever it stores.
+    write_off: bool = False
     background: TurnJobs | None = None  # background LLM jobs to queue (facts, summary)
 
 
@@ -82,6 +91,7 @@ class Recorded:
     retracted: tuple[int, ...] = ()
     memories: tuple[int, ...] = ()
     jobs: tuple[int, ...] = ()  # background LLM jobs queued
+    private: bool = False  # the request's chat holds private messages (see `_remember`)
     # The transcript after the turn, indexed here on the writer's thread, not the loop's.
     transcript: TranscriptIndex | None = field(default=None, repr=False)
 
@@ -93,6 +103,9 @@ def record_turn(conn: Connection, turn: Turn) -> Recorded:
         result = _remember(conn, turn)
     if turn.log is not None:
         detail = {**turn.log, "now": turn.now, "recorded": _summary(result)}
+        if turn.write_off or result.private:  # what was said privately is kept nowhere
+            detail.pop("messages", None)
+            detail.update(reply=None, private=True)
         logged_at = turn.now if turn.logged_at is None else turn.logged_at
         jobs.log_request(conn, turn.request_id, turn.scope_id, detail, logged_at)
     records.touch_scope(conn, turn.scope_id, turn.now)
@@ -115,7 +128,8 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         drop_undone_style(conn, turn.scope_id, set(alignment.undone))
 
     reused_at = _reused_dates(conn, turn.scope_id, alignment.reuses)
-    private = _still_private(conn, turn, sent, alignment.new)
+    by_id = {m.id: m for m in stored}
+    private = _still_private(conn, turn, sent, alignment, by_id)
     rows: list[records.NewMessage] = []
     for index in alignment.new:
         message = turn.messages[index]
@@ -146,7 +160,7 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
     transcript = TranscriptIndex(
         [m for m in stored if m.id not in undone]
         + [
-            StoredMessage(message_id, row.role, row.fingerprint, thread)
+            StoredMessage(message_id, row.role, row.fingerprint, thread, row.private)
             for message_id, row in zip(ids, rows, strict=True)
         ]
     )
@@ -157,26 +171,57 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         retracted=tuple(retracted),
         memories=tuple(memory_ids),
         jobs=tuple(queued),
+        private=any(row.private for row in rows)
+        or any(by_id[sid].private for _, sid in alignment.matched),
         transcript=transcript,
     )
 
 
 def _still_private(
-    conn: Connection, turn: Turn, sent: Sequence[dict[str, Any]], new: Sequence[int]
+    conn: Connection,
+    turn: Turn,
+    sent: Sequence[dict[str, Any]],
+    alignment: Alignment,
+    stored: dict[int, StoredMessage],
 ) -> set[int]:
-    """The request indices among `new` to store as private messages: all of them in a
-    private turn; else those identical to a private message of the scope, as sent or as
-    `_continued` made them (a private reply continued is private as a whole)."""
-    if turn.write is Write.PRIVATE:
-        return set(new)
+    """The request indices among the new ones to store as private messages.
+
+    - In a private turn, its exchange: the new messages after the request's last
+      assistant message (older ones the proxy has not stored yet, such as the reply of
+      a group chat's utility call, are no part of it; the greeting of a new chat
+      neither).
+    - A reply that takes the place of an undone private reply (in order): the app sends
+      a private reply back changed (incomplete sentences trimmed, markdown fixed, a
+      continue glued on, a group member's name moved into `name`). Privacy errs on the
+      side of forgetting: a reply the user wrote there instead stays private too. (The
+      user's own message edited and sent with memory on is the user's new message.)
+    - A message identical to a private message of the scope, as sent or as
+      `_continued` made them (a private reply brought back by a swipe).
+    """
+    new = alignment.new
     if not new:
         return set()
+    private: set[int] = set()
+    if turn.write is Write.PRIVATE:
+        roles = [m.get("role") for m in turn.messages]
+        last_reply = max((i for i, r in enumerate(roles) if r == "assistant"), default=-1)
+        private.update(i for i in new if i > last_reply)
+    undone = [stored[i] for i in alignment.undone if i in stored]
+    if any(m.private for m in undone):
+        for old, index in zip(undone, new, strict=False):
+            if old.private and old.role == "assistant" == turn.messages[index].get("role"):
+                private.add(index)
     fingerprints = {
         index: {message_fingerprint(turn.messages[index]), message_fingerprint(sent[index])}
         for index in new
+        if index not in private
     }
-    known = records.private_fingerprints(conn, turn.scope_id, set().union(*fingerprints.values()))
-    return {index for index, fps in fingerprints.items() if fps & known}
+    if fingerprints:
+        known = records.private_fingerprints(
+            conn, turn.scope_id, set().union(*fingerprints.values())
+        )
+        private.update(index for index, fps in fingerprints.items() if fps & known)
+    return private
 
 
 def _continued(turn: Turn) -> Turn:

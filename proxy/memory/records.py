@@ -66,6 +66,7 @@ class TranscriptEntry(NamedTuple):
     role: str
     fingerprint: str
     thread: int
+    private: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,11 +288,11 @@ def _message(row: tuple[Any, ...]) -> MessageRow:
 def active_transcript(conn: Connection, scope_id: int) -> list[TranscriptEntry]:
     """The scope's transcript as the proxy has it (active and partial), in order."""
     rows = conn.execute(
-        "SELECT id, role, fingerprint, thread FROM messages"
+        "SELECT id, role, fingerprint, thread, private FROM messages"
         " WHERE scope_id = ? AND state != 'undone' ORDER BY seq",
         (scope_id,),
     ).fetchall()
-    return [TranscriptEntry(*r) for r in rows]
+    return [TranscriptEntry(*r[:4], bool(r[4])) for r in rows]
 
 
 def append_messages(

@@ -46,6 +46,7 @@ class StoredMessage:
     role: str
     fingerprint: str
     thread: int = 0
+    private: bool = False  # of an `X-Memory-Write: off` exchange (stored without text)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import cachetools
 
-from proxy.errors import InvalidScopeName
+from proxy.errors import BadRequest, InvalidScopeName
 from proxy.inject.block import EMPTY_BLOCK, Block, BlockInput, Caps, Recalled, build_block
 from proxy.inject.budget import Trim, compute_budget, trim_history
 from proxy.inject.place import place_block
@@ -72,7 +72,9 @@ log = logging.getLogger("mnemoproxy.memory")
 
 T = TypeVar("T")
 
-WRITE_OFF = frozenset({"off", "false", "0", "no", "none"})
+# `X-Memory-Write` values; anything else is refused (a mistyped "off" must not store).
+WRITE_OFF = frozenset({"off", "false", "0", "no", "none", "disabled", "private", "never"})
+WRITE_ON = frozenset({"", "on", "true", "1", "yes", "enabled"})
 
 
 class Remember:
@@ -146,7 +148,8 @@ class Remember:
         except InvalidScope as exc:
             raise InvalidScopeName(str(exc), param="scope") from exc
         now = parse_now(headers.get("x-memory-now"))
-        write = write_mode(headers, body["messages"])
+        write_off = _write_off(headers.get("x-memory-write", ""))
+        write = write_mode(write_off, body["messages"])
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
         with self.activity:
@@ -163,6 +166,7 @@ class Remember:
                     }
                 )
         plan.timings["prepare_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        plan.write_off = write_off
         return plan
 
     async def _prepare(
@@ -544,9 +548,6 @@ class Remember:
                     "usage": reply.usage,
                     "timings": plan.timings,
                 }
-                if plan.write is Write.PRIVATE:  # what was said is kept nowhere
-                    log_entry.pop("messages", None)
-                    log_entry.update(reply=None, private=True)
             except Exception:
                 log.exception("could not build the request log entry of %s", plan.request_id)
         turn = Turn(
@@ -563,6 +564,7 @@ class Remember:
             log=log_entry,
             logged_at=plan.received_at,
             write=plan.write,
+            write_off=plan.write_off,
             background=plan.background,
         )
         lock = self._scope_locks.setdefault(plan.scope_id, asyncio.Lock())
@@ -607,6 +609,7 @@ class RememberPlan:
     request_id: str
     now: float
     write: Write = Write.ALL
+    write_off: bool = False  # the request said `X-Memory-Write: off` (see `Turn.write_off`)
     messages: list[dict[str, Any]] = field(default_factory=list)
     char: str | None = None
     user: str | None = None
@@ -640,14 +643,28 @@ def _kept_ids(alignment: Alignment, trim: Trim) -> set[int]:
     return {sid for index, sid in alignment.matched if index in kept}
 
 
-def write_mode(headers: Mapping[str, str], messages: list[dict[str, Any]]) -> Write:
+def _write_off(value: str) -> bool:
+    """Whether `X-Memory-Write` says off; BadRequest for a value it cannot mean."""
+    word = value.strip().lower()
+    if word in WRITE_OFF:
+        return True
+    if word in WRITE_ON:
+        return False
+    raise BadRequest(
+        f"X-Memory-Write: {value.strip()[:40]!r} is neither off ({', '.join(sorted(WRITE_OFF))})"
+        f" nor on ({', '.join(sorted(WRITE_ON - {''}))})",
+        param="X-Memory-Write",
+    )
+
+
+def write_mode(write_off: bool, messages: list[dict[str, Any]]) -> Write:
     """What the request may store. An app's utility call is no part of the chat: nothing
     (whatever the headers say). `X-Memory-Write: off` is: its exchange is stored as
     private messages, without text, so that the next requests, which carry it again,
     know it (left out, they would store it as new messages)."""
     if _is_utility_call(messages):
         return Write.NOTHING
-    if headers.get("x-memory-write", "").strip().lower() in WRITE_OFF:
+    if write_off:
         return Write.PRIVATE
     return Write.ALL
 
