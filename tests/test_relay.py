@@ -16,6 +16,7 @@ from tests.conftest import MakeClient, MakeProxy
 from tests.fakes.servers import RunningServer, run_server
 from tests.fakes.upstream import FakeUpstream, Reply
 from tests.memory_helpers import st_body, transcript_of, wait_until
+from tests.test_cli import free_port
 
 ST_BODY = {
     "messages": [
@@ -147,6 +148,24 @@ def test_a_bare_name_goes_to_the_one_upstream_serving_it_without_a_listing_first
             client.chat.completions.create(model="typo", messages=hi)
         assert [r.json["model"] for r in local.chat_requests] == ["typo"] * 3
         assert sum(r.path == "/v1/models" for r in local.requests) == 1
+
+
+def test_a_bare_name_routes_while_another_upstream_is_down(
+    make_proxy: MakeProxy, make_client: MakeClient
+) -> None:
+    with (
+        FakeUpstream(models=["llama3"]) as local,
+        FakeUpstream(models=["gpt-x"]) as remote,
+    ):
+        down = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+        proxy = make_proxy(
+            {"local": local, "remote": remote, "down": down},
+            server={"default_upstream": "local"},
+        )
+        client = make_client(proxy)
+        client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "x"}])
+        assert [r.json["model"] for r in remote.chat_requests] == ["gpt-x"]
+        assert local.chat_requests == []
 
 
 def test_explicit_routes_and_model_lists_pick_the_upstream(

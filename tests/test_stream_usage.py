@@ -119,6 +119,29 @@ def test_usage_on_the_last_chunk_is_taken_out_of_that_event_only(
     assert response.content == opening + middle + comment + edited + b"data: [DONE]\n\n"
 
 
+def test_a_usage_chunk_with_more_in_it_keeps_the_rest(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    head = '{"id":"c1","object":"chat.completion.chunk","model":"m",'
+    raw = [
+        # Azure's content-filter chunk comes first, with no choices.
+        f'data: {head}"choices":[],"prompt_filter_results":[{{"index":0}}],"usage":null}}\n\n',
+        f'data: {head}"choices":[{{"index":0,"delta":{{"content":"Hi."}}}}],"usage":null}}\n\n',
+        # llama.cpp's last chunk, once usage is asked for: usage and its timings.
+        f'data: {head}"choices":[],"usage":{{"prompt_tokens":9}},"timings":{{"prompt_n":9}}}}\n\n',
+        "data: [DONE]\n\n",
+    ]
+    llama.enqueue(Reply(raw=[r.encode() for r in raw]))
+    got = chunks(post(proxy, st_body(HISTORY, stream=True)).content)
+    assert [sorted(c) for c in got] == [
+        ["choices", "id", "model", "object", "prompt_filter_results"],
+        ["choices", "id", "model", "object"],
+        ["choices", "id", "model", "object", "timings"],
+    ]
+    assert got[-1]["timings"] == {"prompt_n": 9}
+
+
 def test_a_stream_calibrates_the_budget(
     llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
@@ -142,6 +165,21 @@ def test_a_stream_calibrates_the_budget(
     # In the upstream's own tokens the prompt now fits its window.
     assert 2 * sent_after <= WINDOW - MAX_TOKENS
     assert sent_after < sent_before
+
+
+def test_a_short_prompt_does_not_shrink_later_budgets(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    counter = TokenCounter("o200k_base")
+    # A server that adds a fixed few hundred tokens of its own around every prompt.
+    llama.responder = lambda body: Reply(
+        text="Mira nods.", usage={"prompt_tokens": counter.count_messages(body["messages"]) + 250}
+    )
+    post(proxy, st_body(HISTORY, stream=True), **{"X-Memory-Scope": "short"})
+    history = [(r, filler(i)) for i in range(15) for r in ("user", "assistant")][:-1]
+    long = post(proxy, st_body(history, stream=True), **{"X-Memory-Scope": "long"})
+    assert long.headers["x-memory-trimmed"] == "0"  # it fits the window as it is
 
 
 def test_an_upstream_that_refuses_stream_options_is_asked_once(
@@ -175,12 +213,13 @@ def test_a_request_refused_anyway_is_not_taken_for_a_refusal_of_stream_options(
     response = httpx.post(
         f"{proxy.url}/v1/chat/completions", json=st_body(HISTORY, stream=True), timeout=30
     )
-    assert response.status_code == 400  # the answer to the request as the client sent it
-    asked = llama.chat_requests
-    assert len(asked) == 2 and "stream_options" not in asked[1].json
+    # An answer that does not name the field is not about it ("model is loading"): the
+    # client gets it as it came, asked once, and the next request is asked for usage.
+    assert response.status_code == 400
+    assert len(llama.chat_requests) == 1
     httpx.post(f"{proxy.url}/v1/chat/completions", json=st_body(HISTORY, stream=True))
     asked = llama.chat_requests
-    assert len(asked) == 4 and asked[2].json["stream_options"] == USAGE
+    assert len(asked) == 2 and asked[1].json["stream_options"] == USAGE
 
 
 def test_only_streams_with_memory_on_are_asked_for_usage(

@@ -121,12 +121,15 @@ class ChatCompletions:
         )
         if fallback is None or response.status_code not in _REFUSED:
             return response, fallback is not None
+        # Refused for our field only if the answer names it (a server that does not know
+        # a field says which); any other 400 (a model still loading) is the client's.
+        if b"stream_options" not in await response.aread():
+            return response, True
         status = response.status_code
         await response.aclose()
         response = await state.pool.send(
             upstream, "POST", "chat/completions", headers=forwarded, content=fallback()
         )
-        # Only when the plain request went through was the refusal about our field.
         if response.status_code < 400 and state.pool.refuse_stream_options(upstream):
             log.info(
                 "upstream %r answered %d to stream_options; not sending it there again "

@@ -46,11 +46,15 @@ async def merged_models(
     state: AppState, client_headers: dict[str, str] | None = None, timeout: float = LIST_TIMEOUT
 ) -> tuple[list[dict], list[str]]:
     """Every upstream's models, each listed under an id that routes back to it, and the
-    errors of the upstreams that did not answer."""
+    errors of the upstreams that did not answer (each within `timeout` in all, however
+    it dribbles its answer)."""
     upstreams = list(state.router.upstreams.values())
     results = await asyncio.gather(
         *(
-            list_models(state.pool, u, timeout=timeout, client_headers=client_headers)
+            asyncio.wait_for(
+                list_models(state.pool, u, timeout=timeout, client_headers=client_headers),
+                timeout,
+            )
             for u in upstreams
         ),
         return_exceptions=True,
@@ -62,11 +66,13 @@ async def merged_models(
         if isinstance(result, ProxyError):
             errors.append(result.message)
             continue
+        if isinstance(result, TimeoutError):
+            errors.append(f"upstream {upstream.name!r} did not list its models in {timeout:.0f} s")
+            continue
         if isinstance(result, BaseException):
             raise result
         listed[upstream.name] = [entry["id"] for entry in result]
-    if not errors:  # an upstream that did not answer may list the same names
-        state.router.learn(listed)
+    state.router.learn(listed)  # those that did not answer keep their last lists
     for upstream, result in zip(upstreams, results, strict=True):
         if isinstance(result, BaseException):
             continue

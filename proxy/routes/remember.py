@@ -72,6 +72,8 @@ log = logging.getLogger("mnemoproxy.memory")
 
 T = TypeVar("T")
 
+# Prompts of fewer tokens (by our count) do not calibrate the budget (`_calibrate`).
+CALIBRATE_FROM_TOKENS = 1000
 # `X-Memory-Write` values; anything else is refused (a mistyped "off" must not store).
 WRITE_OFF = frozenset({"off", "false", "0", "no", "none", "disabled", "private", "never"})
 WRITE_ON = frozenset({"", "on", "true", "1", "yes", "enabled"})
@@ -588,7 +590,10 @@ class Remember:
         if plan.calibration is None or partial or not isinstance(actual, int) or actual <= 0:
             return
         key, estimate = plan.calibration
-        if estimate <= 0:
+        # A chat template adds a fixed few dozen tokens: on a short prompt they would
+        # read as a large ratio (8 tokens counted, 48 reported: 6x) and shrink every
+        # later budget of that model to a third.
+        if estimate < CALIBRATE_FROM_TOKENS:
             return
         observed = actual / estimate
         old = self._token_ratio.get(key)

@@ -66,14 +66,17 @@ class Router:
             raise ValueError(f"default upstream {default!r} is not configured")
         self._by_prefix = {u.prefix: u for u in self.upstreams.values() if u.prefix}
         self._listed: dict[str, Upstream] = {}
+        self._lists: dict[str, frozenset[str]] = {}  # what each upstream listed last
         self._asked_at: float | None = None  # when a name no rule knew last made us ask
 
     def learn(self, listed: Mapping[str, Iterable[str]]) -> None:
         """Remember the models each upstream lists (upstream name -> model ids): a model
         that only one of them lists goes there by its bare name (apps pick a name from
-        /v1/models; with several upstreams it would otherwise need a prefix)."""
+        /v1/models; with several upstreams it would otherwise need a prefix). An upstream
+        missing from `listed` (it did not answer) keeps the list it gave last."""
+        self._lists.update((name, frozenset(models)) for name, models in listed.items())
         owners: dict[str, set[str]] = {}
-        for name, models in listed.items():
+        for name, models in self._lists.items():
             for model in models:
                 owners.setdefault(model, set()).add(name)
         self._listed = {

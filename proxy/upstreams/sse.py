@@ -177,17 +177,17 @@ def loads_lenient(data: bytes) -> Any:
 def without_usage(event: Event) -> Event | None:
     """The event as a client that did not ask for usage would have got it.
 
-    A chunk with no choices that carries usage (OpenAI's last one, `"choices": []`) is
-    left out (None); any other chunk with a `usage` key (a `null` one on every chunk,
-    or usage on the last chunk with choices) loses that key and is written again. Every
-    other event comes back as it is, its bytes untouched, and so does one whose bytes
-    are not UTF-8 (rewriting it would change them).
+    A chunk that holds nothing but usage (OpenAI's last one: no choices, only the ids)
+    is left out (None); any other chunk with a `usage` key (a `null` one on every
+    chunk, usage on the last chunk with choices, llama.cpp's last chunk that also
+    carries its `timings`) loses that key and is written again. Every other event comes
+    back as it is, its bytes untouched, and so does one whose bytes are not UTF-8
+    (rewriting it would change them).
     """
     data = event.data
     if not isinstance(data, dict) or "usage" not in data:
         return event
-    choices = data.get("choices")
-    if (choices is None or choices == []) and "error" not in data:
+    if not data.get("choices") and data.keys() <= _USAGE_ONLY:
         return None
     try:
         event.raw.decode("utf-8")
@@ -197,6 +197,12 @@ def without_usage(event: Event) -> Event | None:
     # A lone surrogate (only ever inside a JSON string) is written as its \u escape.
     payload = json.dumps(rest, ensure_ascii=False, separators=(",", ":"))
     return Event(_with_payload(event.raw, payload.encode("utf-8", "backslashreplace")), rest)
+
+
+# The keys of a chunk that carries usage and nothing else.
+_USAGE_ONLY = frozenset(
+    {"id", "object", "created", "model", "system_fingerprint", "service_tier", "choices", "usage"}
+)
 
 
 def _with_payload(raw: bytes, payload: bytes) -> bytes:
