@@ -168,6 +168,17 @@ def test_a_bare_name_routes_while_another_upstream_is_down(
         assert local.chat_requests == []
 
 
+def test_a_bare_name_two_upstreams_serve_is_refused_with_both_names(
+    make_proxy: MakeProxy,
+) -> None:
+    with FakeUpstream(models=["shared"]) as one, FakeUpstream(models=["shared"]) as two:
+        proxy = make_proxy({"one": one, "two": two})  # no default upstream
+        body = {"model": "shared", "messages": [{"role": "user", "content": "x"}]}
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 404
+        assert "one/shared, two/shared" in response.json()["error"]["message"]
+
+
 def test_explicit_routes_and_model_lists_pick_the_upstream(
     make_proxy: MakeProxy, make_client: MakeClient
 ) -> None:

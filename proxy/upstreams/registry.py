@@ -111,6 +111,17 @@ class Router:
             raise ModelNotFound(
                 "no model given and no default upstream is configured", param="model"
             )
+        several = sorted(
+            f"{self.upstreams[name].prefix}/{model}"
+            for name, models in self._lists.items()
+            if model in models and self.upstreams[name].prefix
+        )
+        if len(several) > 1:
+            raise ModelNotFound(
+                f"model {model!r} is served by several upstreams; name one: "
+                + ", ".join(several),
+                param="model",
+            )
         known = ", ".join(sorted(self._by_prefix)) or "none"
         raise ModelNotFound(
             f"model {model!r} is not served by any upstream and no default upstream is "
