@@ -165,7 +165,8 @@ def test_upstream_down_is_502_naming_it(upstream: FakeUpstream, make_proxy: Make
         {"down": f"http://127.0.0.1:{_closed_port()}/v1", "local": upstream},
         server={"default_upstream": "down"},
     )
-    response = post(proxy, CHAT)
+    # A model nobody lists goes to the default upstream ("fake-model" is local's).
+    response = post(proxy, {**CHAT, "model": "unlisted-model"})
     assert response.status_code == 502
     error = error_of(response)
     assert "'down'" in error["message"] and error["code"] == "upstream_unreachable"
