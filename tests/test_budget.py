@@ -83,6 +83,21 @@ def test_oldest_turns_go_first_and_the_result_fits(counter):
     assert counter.count_messages(one_more) + 200 > available
 
 
+def test_trimmed_history_starts_with_a_user_message(counter):
+    # Chat templates that want user and assistant to alternate (Mistral's, Gemma's)
+    # refuse a history that opens with a reply: wherever the cut falls, it moves on.
+    messages = sillytavern_chat(10)
+    whole = counter.count_messages(messages)
+    starts = set()
+    for available in range(whole // 4, whole, 7):
+        trim = trim_history(messages, counter, available)
+        conversation = [m for m in trim.messages if m["role"] != "system"]
+        if trim.dropped:
+            assert conversation[0]["role"] == "user", available
+            starts.add(trim.dropped[-1])
+    assert len(starts) > 3  # the cut fell in many places, after replies too
+
+
 def test_system_and_last_user_message_survive_even_when_nothing_fits(counter):
     messages = sillytavern_chat(5)
     messages[-1] = {"role": "user", "content": "a very long question " * 200}

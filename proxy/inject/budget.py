@@ -90,8 +90,9 @@ def trim_history(
     Never dropped: system and developer messages (wherever they are) and the last user
     message with everything after it (tool calls of the current turn, a prefill). Of
     the rest, the oldest go first (a greeting before the first user message is simply
-    the oldest turn). An assistant message that calls tools and the tool results that
-    follow it are dropped as one unit, so a tool result never survives its call.
+    the oldest turn), and once any go, the kept history starts at a user message. An
+    assistant message that calls tools and the tool results that follow it are dropped
+    as one unit, so a tool result never survives its call.
     `reserve` tokens are kept free for the memory block.
 
     `slack` keeps the prompt's head stable for a local server's prompt cache. Apps
@@ -123,7 +124,9 @@ def trim_history(
         target = math.ceil(excess / step) * step if step > 0 else excess
         dropped_tokens = 0
         for unit in units:
-            if dropped_tokens >= target:
+            # ...and on to a user message: a chat template that wants user and assistant
+            # to alternate (Mistral's, Gemma's) refuses history that opens with a reply.
+            if dropped_tokens >= target and messages[unit[0]].get("role") == "user":
                 break
             drop.update(unit)
             dropped_tokens += sum(costs[i] for i in unit)
