@@ -151,6 +151,12 @@ def test_scopes_list_show_rename_settings_and_delete(
     chat(proxy, up, "saga", history)
     saga = ok(api(proxy, "GET", "/scopes/saga"))
     assert saga["messages"]["active"] == 9 and saga["threads"] == 1
+    # An app that names its scope itself (Open WebUI's chat id, the automatic name of a
+    # character) keeps sending the old name: it still reaches the renamed scope.
+    history += [("assistant", "Mira nods."), ("user", "And after that?")]
+    assert chat(proxy, up, "campaign", history).headers["x-memory-scope"] == "saga"
+    assert ok(api(proxy, "GET", "/scopes/saga"))["messages"]["active"] == 11
+    error_of(api(proxy, "GET", "/scopes/campaign"), 404)  # the API names scopes as they are
     ok(api(proxy, "POST", "/scopes", json={"name": "other"}), 201)
     taken = error_of(api(proxy, "PATCH", "/scopes/saga", json={"name": "other"}), 409)
     assert "already exists" in taken["message"]
@@ -171,6 +177,8 @@ def test_scopes_list_show_rename_settings_and_delete(
     assert "Keep this" not in str(up.last["messages"])
     fresh = ok(api(proxy, "GET", "/scopes/saga"))
     assert fresh["memories"]["pinned"] == 0 and fresh["messages"]["active"] == 3
+    # The old name went with the scope.
+    assert chat(proxy, up, "campaign", [("user", "Hi.")]).headers["x-memory-scope"] == "campaign"
 
 
 def test_bad_input_gets_a_clear_400_in_the_error_envelope(

@@ -332,6 +332,24 @@ def m006_private_messages(conn: Connection) -> None:
     )
 
 
+def m007_scope_aliases(conn: Connection) -> None:
+    """The names a scope had before it was renamed: a chat that names its scope itself
+    (Open WebUI's chat id, the automatic name of a character) keeps sending the old
+    name, and must still reach the scope rather than start an empty one."""
+    _execute_script(
+        conn,
+        """
+        CREATE TABLE scope_aliases (
+            owner TEXT NOT NULL,
+            name TEXT NOT NULL,
+            scope_id INTEGER NOT NULL REFERENCES scopes (id) ON DELETE CASCADE,
+            PRIMARY KEY (owner, name)
+        ) WITHOUT ROWID;
+        CREATE INDEX scope_aliases_scope ON scope_aliases (scope_id);
+        """,
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     m001_initial,
     m002_chat_threads,
@@ -339,6 +357,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m004_memory_ids_not_reused,
     m005_memory_changes,
     m006_private_messages,
+    m007_scope_aliases,
 )
 
 

@@ -151,12 +151,28 @@ def _scope(row: tuple[Any, ...]) -> ScopeRow:
 
 
 def get_or_create_scope(
-    conn: Connection, owner: str, name: str, label: str | None, now: float
+    conn: Connection,
+    owner: str,
+    name: str,
+    label: str | None,
+    now: float,
+    *,
+    aliases: bool = False,
 ) -> ScopeRow:
     """The owner's scope called ``name``, created if new; marks it seen at ``now``.
 
-    An existing scope keeps its label unless it has none.
+    An existing scope keeps its label unless it has none. With ``aliases`` (a chat
+    request's scope), a name the owner's scope had before a rename reaches that scope.
     """
+    if aliases and get_scope(conn, owner, name) is None:
+        row = conn.execute(
+            "SELECT scope_id FROM scope_aliases WHERE owner = ? AND name = ?", (owner, name)
+        ).fetchone()
+        if row is not None:
+            touch_scope(conn, row[0], now)
+            renamed = get_scope_by_id(conn, owner, row[0])
+            assert renamed is not None  # the alias goes with its scope
+            return renamed
     conn.execute(
         "INSERT INTO scopes (owner, name, label, created_at, last_seen) VALUES (?, ?, ?, ?, ?)"
         " ON CONFLICT (owner, name) DO UPDATE SET last_seen = excluded.last_seen,"
@@ -243,6 +259,12 @@ def rename_scope(
         if taken:
             raise ScopeNameTaken(f"a scope named {name!r} already exists")
         conn.execute("UPDATE scopes SET name = ? WHERE id = ?", (name, scope_id))
+        # Chats that name the scope themselves keep sending the old name.
+        conn.execute(
+            "INSERT INTO scope_aliases (owner, name, scope_id) VALUES (?, ?, ?)"
+            " ON CONFLICT (owner, name) DO UPDATE SET scope_id = excluded.scope_id",
+            (row[0], row[1], scope_id),
+        )
     if label is not None:
         conn.execute("UPDATE scopes SET label = nullif(?, '') WHERE id = ?", (label, scope_id))
     return True

@@ -186,7 +186,8 @@ class Remember:
         lap = _Laps(timings)
         scope = await self._scope(identity.owner, ref, now)
         lap("scope_ms")
-        headers = {"x-memory-scope": ref.name, "x-memory-request-id": request_id}
+        # The scope's own name: it may have been renamed since the app named it.
+        headers = {"x-memory-scope": scope.name, "x-memory-request-id": request_id}
         if scope.settings.get("enabled") is False:
             return RememberPlan(self, None, headers, None, request_id, now, write=Write.NOTHING)
         names = detect_names(messages)
@@ -501,7 +502,7 @@ class Remember:
         row = self._scopes.get(key)
         if row is None:
             row = await self.store.write(
-                records.get_or_create_scope, owner, ref.name, ref.label, now
+                records.get_or_create_scope, owner, ref.name, ref.label, now, aliases=True
             )
             self._scopes[key] = row
         return row
