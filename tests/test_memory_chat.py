@@ -266,8 +266,21 @@ def test_open_webuis_title_task_is_not_stored_as_a_turn_of_the_chat(
         "<chat_history>\nUSER: Where is the lighthouse?\nASSISTANT: On Vessel Rock.\n"
         "</chat_history>"
     )
-    llama.enqueue(Reply(text='{"title": "🗼 Lighthouse location"}'))
-    chat(proxy, {"model": "fake-model", "messages": [{"role": "user", "content": task}]}, headers)
+    # Its emoji (voice calls) and mixture-of-agents prompts, by their default wording.
+    emoji = (
+        "Your task is to reflect the speaker's likely facial expression through a fitting"
+        " emoji. Interpret emotions from the message and reflect their facial expression"
+        " using fitting, diverse emojis (e.g., 😊, 😢, 😡, 😱).\n\nMessage: ```On Vessel Rock.```"
+    )
+    moa = (
+        "You have been provided with a set of responses from various models to the latest"
+        ' user query: "Where is the lighthouse?"\n\nYour task is to synthesize these'
+        " responses into a single, high-quality response."
+    )
+    for text, reply in ((task, '{"title": "🗼 Lighthouse location"}'), (emoji, "🗼"), (moa, "x")):
+        llama.enqueue(Reply(text=reply))
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": text}]}
+        chat(proxy, body, headers)
     scopes = httpx.get(f"{proxy.url}/memory/scopes").json()["scopes"]
     [scope] = [s for s in scopes if s["name"].startswith("owui")]
     transcript = httpx.get(f"{proxy.url}/memory/scopes/{scope['name']}/transcript").json()

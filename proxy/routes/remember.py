@@ -703,12 +703,22 @@ def _is_utility_call(messages: list[dict[str, Any]]) -> bool:
 def _is_app_task(message: dict[str, Any]) -> bool:
     """Open WebUI's background tasks (a title, tags, follow-up questions, a search
     query for the chat): one user message that opens with "### Task:" and quotes the
-    chat in <chat_history>. Sent with the chat's own headers, they would otherwise be
-    stored as turns of the chat."""
+    chat in <chat_history>; and its emoji (voice calls) and mixture-of-agents prompts,
+    by their default wording. Sent with the chat's own headers, they would otherwise
+    be stored as turns of the chat."""
     if message.get("role") != "user":
         return False
-    text = message_text(message)
-    return text.lstrip().startswith("### Task:") and "<chat_history>" in text
+    text = message_text(message).lstrip()
+    if text.startswith("### Task:") and "<chat_history>" in text:
+        return True
+    return text.startswith(_OPEN_WEBUI_TASKS)
+
+
+# The openings of Open WebUI's default emoji and mixture-of-agents task prompts.
+_OPEN_WEBUI_TASKS = (
+    "Your task is to reflect the speaker's likely facial expression through a fitting emoji",
+    "You have been provided with a set of responses from various models to the latest user",
+)
 
 
 def parse_now(value: str | None) -> float:
