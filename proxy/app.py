@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.background import background_config, memory_model
@@ -273,17 +273,48 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     where = f"{request.method} {request.url.path}"
+    headers = exc.headers
     if exc.status_code == 404:
         message = f"no such endpoint: {where}"
     elif exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow")
+        # Starlette's Allow names the methods of the first route on the path only; each
+        # memory API method is a route of its own, so the others are found here.
+        served = _allowed_methods(request.app.router.routes, _fresh(request))
+        allowed = ", ".join(sorted(served)) or (exc.headers or {}).get("Allow", "")
+        headers = {**(exc.headers or {}), "Allow": allowed}
         message = f"method not allowed: {where}" + (f" (allowed: {allowed})" if allowed else "")
     else:
         message = str(exc.detail)
     # A 405 keeps its Allow header, as HTTP asks (clients and tools read it).
-    return JSONResponse(
-        error_envelope(message, kind), status_code=exc.status_code, headers=exc.headers
-    )
+    return JSONResponse(error_envelope(message, kind), status_code=exc.status_code, headers=headers)
+
+
+def _fresh(request: Request) -> Scope:
+    """The request's scope as it came in: routing has since moved its root_path into
+    the mount that matched (Mount keeps the original as app_root_path)."""
+    scope = request.scope
+    root_path = scope.get("app_root_path", scope.get("root_path", ""))
+    return {
+        "type": "http",
+        "method": scope["method"],
+        "path": scope["path"],
+        "root_path": root_path,
+    }
+
+
+def _allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> set[str]:
+    """Every method that some route among `routes` (mounts searched) serves at the
+    path of `scope`."""
+    allowed: set[str] = set()
+    for route in routes:
+        match, child = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        if isinstance(route, Mount):
+            allowed |= _allowed_methods(route.routes, {**scope, **child})
+        elif isinstance(route, Route) and route.methods:
+            allowed |= route.methods
+    return allowed
 
 
 class CountRequests:

@@ -311,7 +311,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
         print(f"mnemoproxy: {output} is a directory; give a file name", file=sys.stderr)
         return 1
     if output.exists() and not args.force:
-        print(f"{output} exists; use --force to overwrite", file=sys.stderr)
+        print(f"mnemoproxy: {output} exists; use --force to overwrite", file=sys.stderr)
         return 1
     overrides = overrides_from_args(args)
     if args.key:

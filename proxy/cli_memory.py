@@ -37,6 +37,34 @@ TIMEOUT = 600.0  # an import of a large document may take minutes
 SCOPE_ARGS = ("scope", "name", "new_name")  # the arguments that name a scope
 # The X-Memory-Request-Id header's value (a uuid's hex); '.' or '..' would collapse the URL.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# The options (argparse dests) each action of a command takes. The parser has one flat
+# set per command, so one that the action does not take would pass silently (`add
+# --pinned`, list's flag, made an unpinned note): `check_options` refuses it.
+ACTION_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "scopes": {
+        "list": (),
+        "show": ("name",),
+        "create": ("name", "label"),
+        "rename": ("name", "new_name", "label"),
+        "rm": ("name", "yes"),
+        "set": ("name", "memory", "style", "llm"),
+    },
+    "memories": {
+        "list": ("kind", "state", "since", "pinned", "limit"),
+        "search": ("arg", "limit"),
+        "add": ("arg", "text", "pin", "importance"),
+        "edit": ("arg", "text", "importance"),
+        "rm": ("arg",),
+        "pin": ("arg", "off"),
+    },
+}
+POSITIONALS = frozenset({"name", "new_name", "arg"})
+# What `memories ACTION` needs when the memory id is missing.
+_ID_USAGE = {
+    "edit": "memories edit SCOPE ID --text TEXT and/or --importance X",
+    "rm": "memories rm SCOPE ID",
+    "pin": "memories pin SCOPE ID [--off]",
+}
 
 
 class CliError(Exception):
@@ -213,6 +241,7 @@ def run(args: argparse.Namespace, func: Callable[[Api, argparse.Namespace], Awai
             return await func(api, args)
 
     try:
+        check_options(args)
         check_names(args)
         return asyncio.run(main())
     except CliError as exc:
@@ -296,6 +325,27 @@ def _settings_url(settings: Settings) -> str:
         host = "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{settings.server.port}"
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse an option or argument given to an action that does not take it (see
+    `ACTION_OPTIONS`), rather than run the action without it."""
+    actions = ACTION_OPTIONS.get(args.command)
+    if actions is None:
+        return
+    taken = actions[args.action]
+    for dest in dict.fromkeys(d for options in actions.values() for d in options):
+        value = getattr(args, dest, None)
+        if dest in taken or value is None or value is False:  # not given: its default
+            continue
+        what = f"the extra argument {value!r}" if dest in POSITIONALS else _flag(dest)
+        flags = [_flag(d) for d in taken if d not in POSITIONALS]
+        hint = f" (it takes {', '.join(flags)})" if flags else ""
+        raise CliError(f"{args.command} {args.action} does not take {what}{hint}")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def check_names(args: argparse.Namespace) -> None:
@@ -392,6 +442,8 @@ async def cmd_memories(api: Api, args: argparse.Namespace) -> int:
         data = await api.call("GET", f"{path}/search", params=params)
         return _print(args, data, _show_search)
     if action == "add":
+        if args.arg and args.text:  # one of the two would be dropped
+            raise CliError("memories add takes the text once: as TEXT or with --text")
         text = args.arg or args.text
         if not text:
             raise CliError("memories add SCOPE TEXT [--pin]")
@@ -400,12 +452,14 @@ async def cmd_memories(api: Api, args: argparse.Namespace) -> int:
             body["importance"] = args.importance
         data = await api.call("POST", path, body=body)
         return _print(args, data, lambda d: _show_memories([d]))
+    if not args.arg:
+        raise CliError(_ID_USAGE[action])
     memory_id = _memory_id(args.arg)
     if action == "edit":
         body = {"text": args.text, "importance": args.importance}
         body = {k: v for k, v in body.items() if v is not None}
         if not body:
-            raise CliError("memories edit SCOPE ID --text TEXT and/or --importance X")
+            raise CliError(_ID_USAGE["edit"])
         data = await api.call("PATCH", f"{path}/{memory_id}", body=body)
     elif action == "pin":
         data = await api.call("PATCH", f"{path}/{memory_id}", body={"pinned": not args.off})

@@ -4,6 +4,7 @@ traceback: invalid scope names, unusable output paths, a closed stdout (`| head`
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -100,6 +101,69 @@ def test_a_request_id_that_would_collapse_the_url_is_refused(
         assert "request id" in err
 
 
+# -- options an action does not take --------------------------------------------------------
+
+# An option or argument the action does not use, and the words that name it.
+IGNORED = [
+    (["memories", "add", "camp", "a note", "--pinned"], "memories add does not take --pinned"),
+    (
+        ["memories", "edit", "camp", "1", "--text", "y", "--pin"],
+        "memories edit does not take --pin",
+    ),
+    (["memories", "list", "camp", "--pin"], "memories list does not take --pin"),
+    (["memories", "list", "camp", "--text", "y"], "memories list does not take --text"),
+    (["memories", "list", "camp", "7"], "memories list does not take the extra argument '7'"),
+    (["memories", "rm", "camp", "1", "--off"], "memories rm does not take --off"),
+    (["memories", "search", "camp", "boats", "--kind", "note"], "search does not take --kind"),
+    (["scopes", "list", "a", "b"], "scopes list does not take the extra argument 'a'"),
+    (["scopes", "show", "camp", "--label", ""], "scopes show does not take --label"),
+    (["scopes", "rm", "camp", "--memory", "off"], "scopes rm does not take --memory"),
+    (["scopes", "create", "camp", "other"], "scopes create does not take the extra argument"),
+]
+
+
+@pytest.mark.parametrize(("argv", "said"), IGNORED, ids=[" ".join(a) for a, _ in IGNORED])
+def test_an_option_the_action_does_not_take_is_refused_before_connecting(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = one_line_error(capsys, *argv, "--url", f"http://127.0.0.1:{free_port()}")
+    assert said in err
+
+
+def test_a_refused_option_changes_nothing_and_the_hint_names_the_right_one(
+    upstream: FakeUpstream,
+    make_proxy: MakeProxy,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proxy = memory_proxy(make_proxy, upstream, tmp_path)
+    err = one_line_error(
+        capsys, "memories", "add", "camp", "a note", "--pinned", "--url", proxy.url
+    )
+    assert "(it takes --text, --pin, --importance)" in err
+    err = one_line_error(capsys, "memories", "add", "camp", "a", "--text", "b", "--url", proxy.url)
+    assert "the text once" in err
+    assert main(["memories", "list", "camp", "--json", "--url", proxy.url]) == 0
+    assert json.loads(capsys.readouterr().out)["memories"] == []
+    # What the actions do take still works.
+    assert main(["memories", "add", "camp", "a note", "--pin", "--url", proxy.url]) == 0
+    assert main(["memories", "list", "camp", "--pinned", "--url", proxy.url]) == 0
+    assert "a note" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("action", ["rm", "pin", "edit"])
+def test_a_memory_command_without_its_id_gives_its_usage(
+    action: str,
+    upstream: FakeUpstream,
+    make_proxy: MakeProxy,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proxy = memory_proxy(make_proxy, upstream, tmp_path)
+    err = one_line_error(capsys, "memories", action, "camp", "--url", proxy.url)
+    assert f"mnemoproxy: memories {action} SCOPE ID" in err and "None" not in err
+
+
 # -- files ----------------------------------------------------------------------------------
 
 
@@ -132,6 +196,11 @@ def test_configure_into_a_directory_or_a_missing_one_says_why(
     missing = tmp_path / "none" / "config.toml"
     err = one_line_error(capsys, "configure", "--port", "9100", "-o", str(missing))
     assert f"cannot write {missing}" in err
+    there = tmp_path / "config.toml"
+    there.write_text("# mine\n")
+    err = one_line_error(capsys, "configure", "--port", "9100", "-o", str(there))
+    assert f"{there} exists; use --force to overwrite" in err
+    assert there.read_text() == "# mine\n"
 
 
 def test_a_key_that_is_not_ascii_is_an_error_not_a_traceback(

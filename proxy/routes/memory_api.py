@@ -41,7 +41,6 @@ from proxy.routes.memory_calls import (
     MemoryService,
     choices,
     endpoint,
-    scope_name,
 )
 from proxy.routes.openapi import Operation
 from proxy.routes.validation import parse_date
@@ -66,11 +65,10 @@ async def list_scopes(call: Call) -> Any:
 
 
 async def create_scope(call: Call) -> Any:
-    name = scope_name(call.body.name, "name")
     if call.owner is None:
         raise NotFound("no such owner", param="owner")
     return await call.service.store.write(
-        manage.create_scope, call.owner, name, call.body.label, call.now
+        manage.create_scope, call.owner, call.body.name, call.body.label, call.now
     )
 
 
@@ -81,7 +79,7 @@ async def show_scope(call: Call) -> Any:
 
 async def patch_scope(call: Call) -> Any:
     scope = await call.scope()
-    name = scope_name(call.body.name, "name") if call.body.name is not None else None
+    name = call.body.name  # a valid scope name, checked by the model (`api.ScopeName`)
     label = call.body.label
     if label is None and "label" in call.body.model_fields_set:
         label = ""  # "label": null removes it (left out, it stays)
@@ -183,11 +181,9 @@ async def list_memories(call: Call) -> Any:
     scope = await call.scope()
     q = call.query
     kinds = choices(q.kind, records.MEMORY_KINDS, "kind")
-    states = (
-        manage.MEMORY_STATES
-        if q.state.strip() == "all"
-        else choices(q.state, manage.MEMORY_STATES, "state") or ("active",)
-    )
+    states = choices(q.state, (*manage.MEMORY_STATES, "all"), "state") or ("active",)
+    if "all" in states:  # "all,active" is still all of them
+        states = manage.MEMORY_STATES
     return await call.read(
         manage.list_memories,
         scope.id,

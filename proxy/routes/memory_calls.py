@@ -20,7 +20,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -46,7 +47,7 @@ from proxy.memory.scope import InvalidScope, validate_scope_name
 from proxy.memory.store import Store
 from proxy.routes import openapi as api
 from proxy.routes.auth import Identity
-from proxy.routes.openapi import Operation
+from proxy.routes.openapi import SCOPE_ERROR, Operation
 from proxy.routes.remember import Remember
 
 log = logging.getLogger("mnemoproxy.memory_api")
@@ -123,7 +124,8 @@ class Call:
         owners = [o for o in await self.read(records.owners_of_scope, name) if o != self.owner]
         if owners:
             shown = ", ".join(repr(o) for o in owners[:5])
-            message += f"; owner {shown} has one: pass ?owner= (CLI: --owner)"
+            who = "owner {} has one" if len(owners) == 1 else "owners {} have one"
+            message += f"; {who.format(shown)}: pass ?owner= (CLI: --owner)"
         return message
 
     async def read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -252,12 +254,66 @@ def _model(model: type[M], data: Any, where: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
+        # A field of several types fails once per member, each error's loc ending in
+        # the member's tag ("float", "str"): grouped by field, one message for each.
+        problems: dict[tuple[str | int, ...], list[str]] = {}
+        for error in exc.errors():
+            problems.setdefault(_field_path(model, error["loc"]), []).append(error["msg"])
+        path, messages = next(iter(problems.items()))
+        field = ".".join(str(part) for part in path)
         param = field or None
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        message = _one_message(messages)
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        if exc.errors()[0]["type"] == SCOPE_ERROR:  # worded as a path's or header's is
+            raise InvalidScopeName(f"{message}{more}", param=param) from exc
         name = f"{where} field {field!r}" if field else f"the {where}"
-        raise BadRequest(f"{name}: {first['msg']}{more}", param=param) from exc
+        raise BadRequest(f"{name}: {message}{more}", param=param) from exc
+
+
+def _field_path(model: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """The part of a pydantic error's `loc` that names fields and items, without the
+    union member tags pydantic adds after a field of several types."""
+    path: list[str | int] = []
+    kind: Any = model
+    for part in loc:
+        kind = _unwrapped(kind)
+        origin = get_origin(kind)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            path.append(part)
+            field = kind.model_fields.get(str(part))
+            if field is None:  # a key the model does not have
+                break
+            kind = field.annotation
+        elif origin in (list, tuple, set, frozenset, dict):
+            path.append(part)
+            kind = get_args(kind)[-1] if get_args(kind) else Any
+        else:  # a scalar, or a union of several types: what follows is a member's tag
+            break
+    return tuple(path)
+
+
+def _unwrapped(kind: Any) -> Any:
+    """`kind` without Annotated's metadata and without None as a union member."""
+    while True:
+        if get_origin(kind) is Annotated:
+            kind = get_args(kind)[0]
+            continue
+        if get_origin(kind) in (Union, UnionType):
+            members = [m for m in get_args(kind) if m is not type(None)]
+            if len(members) == 1:  # Optional: validated as the one type, no tag
+                kind = members[0]
+                continue
+        return kind
+
+
+def _one_message(messages: list[str]) -> str:
+    """One message for a field that failed as each member of a union ("Input should
+    be a valid number or a valid string")."""
+    messages = list(dict.fromkeys(messages))
+    lead = "Input should be "
+    if len(messages) > 1 and all(m.startswith(lead) for m in messages):
+        return lead + " or ".join(m.removeprefix(lead) for m in messages)
+    return "; or ".join(messages)
 
 
 def _json(raw: bytes) -> Any:
@@ -290,13 +346,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def scope_name(name: str, param: str) -> str:
-    try:
-        return validate_scope_name(name)
-    except InvalidScope as exc:
-        raise InvalidScopeName(str(exc), param=param) from exc
 
 
 def choices(value: str | None, allowed: tuple[str, ...], param: str) -> tuple[str, ...] | None:

@@ -10,16 +10,28 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictStr,
+    WithJsonSchema,
+)
 from pydantic.json_schema import models_json_schema
+from pydantic_core import PydanticCustomError
 
 from proxy.memory.records import MAX_DATE, MEMORY_KINDS
+from proxy.memory.scope import MAX_SCOPE_LEN, InvalidScope, validate_scope_name
 
 # A scope name (see proxy.memory.scope.validate_scope_name) as a regex without
 # look-ahead: runs of allowed characters joined by single dots.
 SCOPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_:-]*(?:\.[A-Za-z0-9_:-]+)*\.?$"
+# The type of a pydantic error for a bad scope name (answered as `InvalidScopeName`).
+SCOPE_ERROR = "invalid_scope"
 MAX_ID = 2**53  # ids and cursors beyond this are nobody's (and JSON-safe)
 MAX_TEXT = 200_000
 
@@ -33,6 +45,22 @@ class _In(BaseModel):
 
 class _Out(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
+
+
+def _scope_name(value: str) -> str:
+    # Checked as a path's or a header's scope is, for the same plain message: the
+    # pattern (kept in the schema, for clients) would be shown as a regex.
+    try:
+        return validate_scope_name(value)
+    except InvalidScope as exc:
+        raise PydanticCustomError(SCOPE_ERROR, str(exc)) from None
+
+
+ScopeName = Annotated[
+    str,
+    AfterValidator(_scope_name),
+    WithJsonSchema({"type": "string", "pattern": SCOPE_PATTERN, "maxLength": MAX_SCOPE_LEN}),
+]
 
 
 # -- query parameters ------------------------------------------------------------------
@@ -105,12 +133,12 @@ class CardQuery(ImportQuery):
 
 
 class ScopeCreate(_In):
-    name: str = Field(pattern=SCOPE_PATTERN, max_length=128)
+    name: ScopeName
     label: str | None = Field(None, max_length=200)
 
 
 class ScopePatch(_In):
-    name: str | None = Field(None, pattern=SCOPE_PATTERN, max_length=128)
+    name: ScopeName | None = None
     label: str | None = Field(
         None, max_length=200, description="The shown name; null or empty removes it."
     )

@@ -118,8 +118,7 @@ class Router:
         )
         if len(several) > 1:
             raise ModelNotFound(
-                f"model {model!r} is served by several upstreams; name one: "
-                + ", ".join(several),
+                f"model {model!r} is served by several upstreams; name one: " + ", ".join(several),
                 param="model",
             )
         known = ", ".join(sorted(self._by_prefix)) or "none"
