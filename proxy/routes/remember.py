@@ -29,7 +29,7 @@ from proxy.inject.place import place_block
 from proxy.inject.templates import Templates
 from proxy.inject.tokens import TokenCounter, encoding_for_model
 from proxy.memory import records
-from proxy.memory.embed import CachedEmbedder
+from proxy.memory.embed import CachedEmbedder, EmbeddingError
 from proxy.memory.rank import Weights
 from proxy.memory.recall import (
     Lookup,
@@ -72,6 +72,9 @@ log = logging.getLogger("mnemoproxy.memory")
 
 T = TypeVar("T")
 
+# The longest a request waits for its query's embedding before it recalls by keyword
+# only (the local model takes milliseconds; an upstream's /embeddings may hang).
+QUERY_EMBED_TIMEOUT_S = 2.0
 # Prompts of fewer tokens (by our count) do not calibrate the budget (`_calibrate`).
 CALIBRATE_FROM_TOKENS = 1000
 # `X-Memory-Write` values; anything else is refused (a mistyped "off" must not store).
@@ -377,7 +380,15 @@ class Remember:
             return []
         vector = None
         if embedding is not None:
-            vector = await embedding
+            # A failing or slow embedder (an upstream's /embeddings) costs the request its
+            # vector search, not its reply: keyword search goes on. The embedding runs
+            # on (shielded), so that its vector is cached for a retry.
+            try:
+                vector = await asyncio.wait_for(asyncio.shield(embedding), QUERY_EMBED_TIMEOUT_S)
+            except TimeoutError:
+                errors.append(f"query embedding took over {QUERY_EMBED_TIMEOUT_S:g} s")
+            except EmbeddingError as exc:
+                errors.append(str(exc))
             lap("embed_wait_ms")
         else:  # keyword search still works meanwhile
             errors.append(self.embedder_error or "warming up")
