@@ -118,7 +118,7 @@ def test_a_fact_that_left_the_window_is_recalled_with_its_importance(
         up.responder = MemoryModel(facts=facts)
         proxy = background_proxy(make_proxy, up, tmp_path, background={"summary": False})
         history = say(proxy, [], "My sister Ana keeps a lighthouse on Vessel Rock.")
-        for i in range(40):
+        for i in range(60):  # more than the window holds
             history = say(proxy, history, filler(i))
         wait_for_jobs(tmp_path / "memory.db")
         response = httpx.post(

@@ -490,7 +490,7 @@ def test_request_log_shows_what_was_sent_injected_and_trimmed(
 ) -> None:
     with FakeUpstream(flavor="llamacpp", context_window=2048) as llama:
         proxy = memory_proxy(make_proxy, llama, tmp_path)
-        turns = [filler(i) for i in range(40)]
+        turns = [filler(i) for i in range(60)]  # more than the window holds
         turns[3] = FACT
         history = play(proxy, llama, "log", turns)
         history.append(("user", "Do you remember where Ana keeps her lighthouse?"))

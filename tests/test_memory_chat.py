@@ -487,7 +487,7 @@ def test_each_key_has_its_own_memory(
     proxy = memory_proxy(make_proxy, llama, tmp_path, auth={"keys": ["key-alice", "key-bob"]})
     alice = {"Authorization": "Bearer key-alice", "X-Memory-Scope": "shared-name"}
     bob = {"Authorization": "Bearer key-bob", "X-Memory-Scope": "shared-name"}
-    turns = [filler(i) for i in range(40)]
+    turns = [filler(i) for i in range(60)]  # more than the window holds
     turns[2] = "The vault combination is seven-seven-nine-quill."
     history = play(proxy, llama, turns, headers=alice)
     history.append(("user", "What is the vault combination?"))
@@ -748,7 +748,7 @@ def test_in_a_small_window_the_block_leaves_the_latest_turns_room(
 ) -> None:
     with FakeUpstream(flavor="llamacpp", context_window=1400) as small:
         proxy = memory_proxy(make_proxy, small, tmp_path)
-        history = play(proxy, small, [filler(i) for i in range(20)])
+        history = play(proxy, small, [filler(i) for i in range(40)])  # more than it holds
         # A question about what the latest turns say: recall finds them all.
         history.append(("user", "Do we still walk on along the road in grey weather?"))
         response = chat(proxy, st_body(history, max_tokens=300))
@@ -760,3 +760,26 @@ def test_in_a_small_window_the_block_leaves_the_latest_turns_room(
         assert block is not None and int(response.headers["x-memory-injected"]) > 0
         budget = 1400 - 300 - MARGIN
         assert TokenCounter("o200k_base").count_text(block) <= budget // 2
+
+
+def test_a_history_that_fits_is_sent_whole_not_as_recalled_copies(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    headers = {"X-Memory-Scope": "fits"}
+    history: list[tuple[str, str]] = []
+    checked = 0
+    for i in range(0, 60, 4):
+        for j in range(i, i + 4):
+            history += [("user", filler(j)), ("assistant", f"Reply {j}: the road goes on.")]
+        llama.enqueue(Reply(text="Mira nods."))
+        response = chat(proxy, st_body([*history, ("user", "And now?")]), headers)
+        entry = httpx.get(
+            f"{proxy.url}/memory/requests/{response.headers['x-memory-request-id']}"
+        ).json()["detail"]
+        if entry["tokens"]["original"] <= entry["budget"]:  # the whole chat fits
+            checked += 1
+            assert response.headers["x-memory-trimmed"] == "0", entry["tokens"]
+        elif int(response.headers["x-memory-trimmed"]):  # trimmed: for fewer tokens
+            assert entry["tokens"]["sent"] < entry["tokens"]["original"]
+    assert checked >= 3

@@ -227,6 +227,10 @@ class Remember:
         # more than anything recalled (and would otherwise come back as memories).
         reserve = min(self.caps.total, available // 2) + counter.per_message
         trim = trim_history(messages, counter, available, reserve=reserve, slack=slack)
+        if trim.dropped and trim.whole <= available:
+            # The whole chat fits: it goes whole, and the block gets the room left (made
+            # room would fill with recalled copies of what was cut, out of order).
+            trim = trim_history(messages, counter, available, slack=slack)
         lap("budget_ms")
 
         errors: list[str] = []
@@ -417,6 +421,8 @@ class Remember:
         # not shown; the turn's record drops it.
         hidden = kept_ids | set(alignment.undone)
         style = sample_to_show(context.style_text, context.style_message_id, hidden)
+        if style is not None:  # the sample is its message already: not recalled twice
+            recalled = [m for m in recalled if set(m.source_ids) != {context.style_message_id}]
         inp = BlockInput(
             summary=context.summary,
             memories=recalled,
@@ -432,20 +438,27 @@ class Remember:
         room = max(0, available - trim.tokens - counter.per_message)
         caps = self.caps.within(room)
         block = build_block(inp, counter, self.templates, caps)
-        reserve = block.tokens + counter.per_message if block.text else 0
-        if not trim.dropped:
-            return block, trim
-        wider = trim_history(messages, counter, available, reserve=reserve, slack=slack)
-        if len(wider.dropped) >= len(trim.dropped):
-            return block, trim
-        # History got room back: memories it now shows again need not be injected.
-        shown = _kept_ids(alignment, wider)
-        still = [m for m in recalled if not (m.source_ids and shown.issuperset(m.source_ids))]
-        shown_style = sample_to_show(style, context.style_message_id, shown | hidden)
-        if len(still) != len(recalled) or shown_style != style:
+        # History gets back the room the block does not use. Memories it then shows
+        # again leave the block, which frees more room: a few rounds settle it (a chat
+        # that fits whole gets all of its history back, not recalled copies of it).
+        for _ in range(4):
+            if not trim.dropped:
+                break
+            reserve = block.tokens + counter.per_message if block.text else 0
+            wider = trim_history(messages, counter, available, reserve=reserve, slack=slack)
+            if len(wider.dropped) >= len(trim.dropped):
+                break
+            trim = wider
+            shown = _kept_ids(alignment, trim) | hidden
+            still = [
+                m for m in inp.memories if not (m.source_ids and shown.issuperset(m.source_ids))
+            ]
+            shown_style = sample_to_show(inp.style_sample, context.style_message_id, shown)
+            if len(still) == len(inp.memories) and shown_style == inp.style_sample:
+                break
             inp = dataclasses.replace(inp, memories=still, style_sample=shown_style)
             block = build_block(inp, counter, self.templates, caps)
-        return block if block.text else EMPTY_BLOCK, wider
+        return block if block.text else EMPTY_BLOCK, trim
 
     def _log_entry(
         self,
