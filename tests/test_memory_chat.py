@@ -783,3 +783,14 @@ def test_a_history_that_fits_is_sent_whole_not_as_recalled_copies(
         elif int(response.headers["x-memory-trimmed"]):  # trimmed: for fewer tokens
             assert entry["tokens"]["sent"] < entry["tokens"]["original"]
     assert checked >= 3
+
+
+def test_a_utility_call_for_a_chat_not_seen_yet_leaves_no_scope(
+    llama: FakeUpstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = memory_proxy(make_proxy, llama, tmp_path)
+    task = "### Task:\nGenerate a title.\n<chat_history>\nUSER: Hi\n</chat_history>"
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": task}]}
+    response = chat(proxy, body, {"X-OpenWebUI-User-Id": "u-1"})
+    assert response.headers["x-memory-scope"] == "owui-user-u-1"
+    assert httpx.get(f"{proxy.url}/memory/scopes").json()["scopes"] == []

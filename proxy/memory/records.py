@@ -164,15 +164,11 @@ def get_or_create_scope(
     An existing scope keeps its label unless it has none. With ``aliases`` (a chat
     request's scope), a name the owner's scope had before a rename reaches that scope.
     """
-    if aliases and get_scope(conn, owner, name) is None:
-        row = conn.execute(
-            "SELECT scope_id FROM scope_aliases WHERE owner = ? AND name = ?", (owner, name)
-        ).fetchone()
-        if row is not None:
-            touch_scope(conn, row[0], now)
-            renamed = get_scope_by_id(conn, owner, row[0])
-            assert renamed is not None  # the alias goes with its scope
-            return renamed
+    if aliases:
+        found = find_scope(conn, owner, name)
+        if found is not None and found.name != name:  # renamed since
+            touch_scope(conn, found.id, now)
+            return found
     conn.execute(
         "INSERT INTO scopes (owner, name, label, created_at, last_seen) VALUES (?, ?, ?, ?, ?)"
         " ON CONFLICT (owner, name) DO UPDATE SET last_seen = excluded.last_seen,"
@@ -182,6 +178,17 @@ def get_or_create_scope(
     scope = get_scope(conn, owner, name)
     assert scope is not None
     return scope
+
+
+def find_scope(conn: Connection, owner: str, name: str) -> ScopeRow | None:
+    """The owner's scope called ``name``, or that was called so before a rename."""
+    scope = get_scope(conn, owner, name)
+    if scope is not None:
+        return scope
+    row = conn.execute(
+        "SELECT scope_id FROM scope_aliases WHERE owner = ? AND name = ?", (owner, name)
+    ).fetchone()
+    return get_scope_by_id(conn, owner, row[0]) if row else None
 
 
 def get_scope(conn: Connection, owner: str, name: str) -> ScopeRow | None:

@@ -187,8 +187,12 @@ class Remember:
         messages: list[dict[str, Any]] = body["messages"]
         timings: dict[str, float] = {}  # each step's ms, for the request log
         lap = _Laps(timings)
-        scope = await self._scope(identity.owner, ref, now)
+        # A utility call (a title for a chat not seen yet) makes no scope: it stores nothing.
+        scope = await self._scope(identity.owner, ref, now, create=write is not Write.NOTHING)
         lap("scope_ms")
+        if scope is None:
+            headers = {"x-memory-scope": ref.name, "x-memory-request-id": request_id}
+            return RememberPlan(self, None, headers, None, request_id, now, write=Write.NOTHING)
         # The scope's own name: it may have been renamed since the app named it.
         headers = {"x-memory-scope": scope.name, "x-memory-request-id": request_id}
         if scope.settings.get("enabled") is False:
@@ -521,9 +525,15 @@ class Remember:
 
     # -- caches --------------------------------------------------------------------
 
-    async def _scope(self, owner: str, ref: ScopeRef, now: float) -> records.ScopeRow:
+    async def _scope(
+        self, owner: str, ref: ScopeRef, now: float, *, create: bool = True
+    ) -> records.ScopeRow | None:
+        """The scope a chat request names (a name it had before a rename too); made if
+        new, unless not `create` (then None)."""
         key = (owner, ref.name)
         row = self._scopes.get(key)
+        if row is None and not create:
+            return await self.store.read(records.find_scope, owner, ref.name)
         if row is None:
             row = await self.store.write(
                 records.get_or_create_scope, owner, ref.name, ref.label, now, aliases=True
