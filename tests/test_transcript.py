@@ -567,3 +567,26 @@ def test_replies_asked_for_after_the_greeting_stay_in_its_chat_and_swipe() -> No
     # The same greeting once someone has spoken in that chat opens another chat.
     other = store.receive(st_request([]), reply="Welcome back.")
     assert other.kind == "new_chat" and other.undone == ()
+
+
+def test_edit_of_the_first_messages_of_a_chat_without_a_greeting_is_an_edit() -> None:
+    # Open WebUI and SDK chats have no greeting: their first message was edited, not
+    # cut (an app that cut its window would have dropped it, not replaced it).
+    for edited_at in (0, 1):  # the user's first message, then the first reply
+        store = Store()
+        history = []
+        pairs = turns(4)
+        for k in range(0, len(pairs), 2):
+            history.append(pairs[k])
+            store.receive(st_request(history, greeting=None), reply=pairs[k + 1][1])
+            history.append(pairs[k + 1])
+        old = store.ids_of(*[text for _, text in history])
+        edited = [*history]
+        edited[edited_at] = (edited[edited_at][0], "changed, at some length")
+        messages = st_request([*edited, ("user", "message 5 from Alex")], greeting=None)
+        result = store.receive(messages)
+        assert result.kind == "diverged"
+        assert result.undone == old
+        assert store.texts() == conv_texts(messages)
+        # What did not change keeps its date and embedding.
+        assert len(result.reuses) == len(history) - 1

@@ -160,8 +160,9 @@ def align(
       a window the app already cut), a later run is accepted only if it is sure in
       the sense above; the messages before it are `skipped`. Unless the request
       opens with the chat's greeting and then as many messages as the store holds
-      between it and the run: the chat's first messages were edited, so everything
-      after the greeting is undone and the body is new (as for any edit);
+      between it and the run (in a chat without a greeting: as many as it holds
+      before the run): the chat's first messages were edited, so everything after
+      the greeting is undone and the body is new (as for any edit);
     - with no acceptable run it is a new chat (or an empty store): nothing undone,
       everything not yet stored appended; unless the request's greeting opens a
       stored chat that nobody has spoken in yet (replies asked for with nothing
@@ -204,14 +205,22 @@ def align(
             thread=thread,
         )
 
-    if run.first > n_greet and _edits_after_greeting(greeting, run, chains, run.first - n_greet):
-        # The chat's greeting, then as many messages as the store holds there, then
-        # the run: those first messages were edited (an app that cut its window would
-        # have cut the greeting first). As for an edit further down, everything after
-        # the greeting is undone and the request's messages are new.
-        anchor = greeting[-1]
-        assert anchor is not None  # the whole greeting is matched
-        after = chains.after(anchor)
+    edited = run.first - n_greet
+    if edited > 0 and (
+        _edits_after_greeting(greeting, run, chains, edited)
+        or (not greeting and _edits_at_start(run, chains, edited))
+    ):
+        # The chat's greeting (if it has one), then as many messages as the store holds
+        # there, then the run: those first messages were edited (an app that cut its
+        # window would have cut them, not replaced them). As for an edit further down,
+        # everything after the greeting is undone and the request's messages are new.
+        if greeting:
+            anchor = greeting[-1]
+            assert anchor is not None  # the whole greeting is matched
+            after = chains.after(anchor)
+        else:
+            start = chains.first(run.thread)
+            after = [start, *chains.after(start)]
         new = tuple(conv[j] for j in body)
         return Alignment(
             kind="diverged",
@@ -409,6 +418,12 @@ def _edits_after_greeting(
         return False
     before = chains.before(run.start, len(greeting) + edited)
     return len(before) == len(greeting) + edited and before[: len(greeting)] == greeting
+
+
+def _edits_at_start(run: _Run, chains: _Chains, edited: int) -> bool:
+    """Whether exactly `edited` messages come before the run in its chat (a chat
+    without a greeting whose first messages the request changed)."""
+    return len(chains.before(run.start, edited + 1)) == edited
 
 
 def _window_start(greeting: list[int | None], run: _Run, chains: _Chains) -> int:
