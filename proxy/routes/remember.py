@@ -443,8 +443,7 @@ class Remember:
         caps = self.caps.within(room)
         block = build_block(inp, counter, self.templates, caps)
         # History gets back the room the block does not use. Memories it then shows
-        # again leave the block, which frees more room: a few rounds settle it (a chat
-        # that fits whole gets all of its history back, not recalled copies of it).
+        # again leave the block, which frees more room: a few rounds settle it.
         for _ in range(4):
             if not trim.dropped:
                 break
