@@ -128,8 +128,8 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         drop_undone_style(conn, turn.scope_id, set(alignment.undone))
 
     reused_at = _reused_dates(conn, turn.scope_id, alignment.reuses)
-    by_id = {m.id: m for m in stored}
-    private = _still_private(conn, turn, sent, alignment, by_id)
+    stored_private = index.private
+    private = _still_private(conn, turn, sent, alignment, stored_private)
     rows: list[records.NewMessage] = []
     for index in alignment.new:
         message = turn.messages[index]
@@ -151,10 +151,8 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         capture_style(conn, turn.scope_id, turn.now)
     queued: list[int] = []
     if turn.background is not None:
-        hidden = [i for i, row in zip(ids, rows, strict=True) if row.private]
-        queued = turn.background.queue(
-            conn, turn.scope_id, alignment, ids, retracted, private=hidden
-        )
+        # Private messages make no facts (`facts.queue_extract` skips them).
+        queued = turn.background.queue(conn, turn.scope_id, alignment, ids, retracted)
 
     undone = set(alignment.undone)
     transcript = TranscriptIndex(
@@ -172,7 +170,7 @@ def _remember(conn: Connection, turn: Turn) -> Recorded:
         memories=tuple(memory_ids),
         jobs=tuple(queued),
         private=any(row.private for row in rows)
-        or any(by_id[sid].private for _, sid in alignment.matched),
+        or any(sid in stored_private for _, sid in alignment.matched),
         transcript=transcript,
     )
 
@@ -182,7 +180,7 @@ def _still_private(
     turn: Turn,
     sent: Sequence[dict[str, Any]],
     alignment: Alignment,
-    stored: dict[int, StoredMessage],
+    stored_private: frozenset[int],
 ) -> set[int]:
     """The request indices among the new ones to store as private messages.
 
@@ -206,8 +204,9 @@ def _still_private(
         roles = [m.get("role") for m in turn.messages]
         last_reply = max((i for i, r in enumerate(roles) if r == "assistant"), default=-1)
         private.update(i for i in new if i > last_reply)
-    undone = [stored[i] for i in alignment.undone if i in stored]
-    if any(m.private for m in undone):
+    if stored_private.intersection(alignment.undone):
+        ids = alignment.undone
+        undone = records.get_messages(conn, turn.scope_id, include_undone=True, ids=ids)
         for old, index in zip(undone, new, strict=False):
             if old.private and old.role == "assistant" == turn.messages[index].get("role"):
                 private.add(index)

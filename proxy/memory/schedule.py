@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,20 +76,14 @@ class TurnJobs:
         alignment: Alignment,
         new_ids: Sequence[int],
         retracted: Sequence[int],
-        *,
-        private: Collection[int] = (),
     ) -> list[int]:
-        """`after_turn` for a turn that `record_turn` just stored (in its transaction).
-
-        `private`: those of `new_ids` stored without their text; no facts come from them.
-        """
+        """`after_turn` for a turn that `record_turn` just stored (in its transaction)."""
         window_id = window_message_id(self.window_start, alignment.matched, alignment.new, new_ids)
-        hidden = set(private)
         return after_turn(
             conn,
             scope_id,
             self,
-            new_ids=[i for i in new_ids if i not in hidden],
+            new_ids=new_ids,
             window_id=window_id,
             undone=alignment.undone,
             retracted=retracted,

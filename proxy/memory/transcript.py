@@ -291,9 +291,13 @@ class TranscriptIndex:
         self.stored = tuple(stored)
         self.chains = _Chains(self.stored)
         positions: dict[str, list[int]] = defaultdict(list)
+        private: list[int] = []
         for pos, message in enumerate(self.stored):
             positions[message.fingerprint].append(pos)
+            if message.private:
+                private.append(message.id)
         self.positions: Mapping[str, list[int]] = dict(positions)  # read with .get only
+        self.private = frozenset(private)  # ids of the private messages
 
     def __len__(self) -> int:
         return len(self.stored)
