@@ -39,16 +39,22 @@ def send(proxy: RunningServer, up: FakeUpstream, history: list[tuple[str, str]])
     return response
 
 
-def test_a_hanging_embedding_upstream_leaves_the_chat_trimmed_and_answered(
-    proxy: RunningServer, up: FakeUpstream
-) -> None:
+def long_chat(proxy: RunningServer, up: FakeUpstream) -> list[tuple[str, str]]:
+    """A chat whose first turn (a code word) is stored, then more than the window holds,
+    ending with a question about it."""
     history = [("user", "The code word is PELICAN.")]
     send(proxy, up, history)
     for i in range(40):
         history += [("assistant", "Mira nods."), ("user", filler(i))]
+    return [*history, ("assistant", "Mira nods."), ("user", "What was the code word, PELICAN?")]
+
+
+def test_a_hanging_embedding_upstream_leaves_the_chat_trimmed_and_answered(
+    proxy: RunningServer, up: FakeUpstream
+) -> None:
+    history = long_chat(proxy, up)
     up.embeddings_open.clear()  # /embeddings now hangs
     try:
-        history += [("assistant", "Mira nods."), ("user", "What was the code word, PELICAN?")]
         started = time.monotonic()
         response = send(proxy, up, history)
         assert time.monotonic() - started < 10
@@ -63,12 +69,8 @@ def test_a_hanging_embedding_upstream_leaves_the_chat_trimmed_and_answered(
 def test_a_failing_embedding_upstream_leaves_the_chat_trimmed_and_answered(
     proxy: RunningServer, up: FakeUpstream
 ) -> None:
-    history = [("user", "The code word is PELICAN.")]
-    send(proxy, up, history)
-    for i in range(40):
-        history += [("assistant", "Mira nods."), ("user", filler(i))]
+    history = long_chat(proxy, up)
     up.embedding_dim = 7  # its answers no longer fit the store: every embedding fails
-    history += [("assistant", "Mira nods."), ("user", "What was the code word, PELICAN?")]
     response = send(proxy, up, history)
     assert "embedding upstream" in response.headers["x-memory-error"]
     assert int(response.headers["x-memory-trimmed"]) > 0
